@@ -1,0 +1,3 @@
+from distrack.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""The `distrack` command: one subcommand per service, plus `migrate` and `up`.
+
+Flags keep the seed's spelling (`--scheduler_port=:8081`); the dashed spelling works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from distrack import config as cfg
+from distrack.errors import ConfigError, DistrackError
+
+log = logging.getLogger("distrack")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+    """Adds `--name_with_underscores` and its `--dashed-name` twin."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def _address(what: str, allow_zero: bool = True):  # noqa: ANN202
+    def parse(text: str) -> cfg.Address:
+        try:
+            return cfg.parse_address(text, what=what, allow_zero=allow_zero)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _positive(kind: type):  # noqa: ANN202
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+
+    return parse
+
+
+def _add_coordinator_tuning(parser: argparse.ArgumentParser) -> None:
+    _flag(
+        parser,
+        "poll_interval_s",
+        type=_positive(float),
+        default=cfg.DEFAULT_POLL_INTERVAL_S,
+        help="longest wait between two looks at the queue when no NOTIFY arrives (default %(default)s)",
+    )
+    _flag(
+        parser,
+        "heartbeat_misses",
+        type=_positive(int),
+        default=cfg.DEFAULT_HEARTBEAT_MISSES,
+        help="missed heartbeats after which a worker is declared lost and its tasks rescued (default %(default)s)",
+    )
+    _flag(
+        parser,
+        "ack_timeout_s",
+        type=_positive(float),
+        default=30.0,
+        help="a task dispatched but not reported started within this many seconds goes back to the "
+        "queue (default %(default)s)",
+    )
+    _flag(
+        parser,
+        "retry_delay_s",
+        type=_positive(float),
+        default=cfg.DEFAULT_RETRY_DELAY_S,
+        help="delay before the first retry of a failed task with attempts left; doubles each time "
+        "(default %(default)s)",
+    )
+
+
+def _add_heartbeat_interval(parser: argparse.ArgumentParser) -> None:
+    _flag(
+        parser,
+        "heartbeat_interval_s",
+        type=_positive(float),
+        default=cfg.DEFAULT_HEARTBEAT_INTERVAL_S,
+        help="seconds between a worker's heartbeats (default %(default)s)",
+    )
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    _flag(
+        parser,
+        "output_dir",
+        default="worker_output",
+        help="folder for task output, one file <worker_id>_<task_id>.txt per task (default %(default)s)",
+    )
+    _flag(
+        parser,
+        "slots",
+        type=_positive(int),
+        default=cfg.DEFAULT_SLOTS,
+        help="tasks a worker runs at once; it refuses more (default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distrack",
+        description="A distributed task scheduler for shell commands, with PostgreSQL as its queue.",
+        epilog="Database: DATABASE_URL, or POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_HOST "
+        "(default localhost), POSTGRES_PORT (default 5432).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "scheduler",
+        help="HTTP API that accepts tasks and answers status (gunicorn)",
+        description="Serves POST /schedule and GET /status over HTTP with gunicorn.",
+    )
+    _flag(
+        p,
+        "scheduler_port",
+        type=_address("scheduler port"),
+        default=cfg.Address("", cfg.DEFAULT_SCHEDULER_PORT),
+        help="where to listen: ':8081', '8081' or 'host:8081' (default :8081)",
+    )
+    _flag(
+        p,
+        "http_workers",
+        type=_positive(int),
+        default=0,
+        help="gunicorn worker processes (default: one per CPU, at least 2)",
+    )
+    _flag(p, "http_threads", type=_positive(int), default=0, help="threads per gunicorn worker (default 8)")
+    _flag(
+        p,
+        "max_body_bytes",
+        type=_positive(int),
+        default=1024 * 1024,
+        help="largest request body accepted; larger ones get 413 (default %(default)s)",
+    )
+
+    p = sub.add_parser(
+        "coordinator",
+        help="claims due tasks and dispatches them to workers over gRPC",
+        description="Tracks workers by heartbeat, claims due tasks from PostgreSQL and "
+        "dispatches them round-robin to workers with free slots.",
+    )
+    _flag(
+        p,
+        "coordinator_port",
+        type=_address("coordinator port"),
+        default=cfg.Address("", cfg.DEFAULT_COORDINATOR_PORT),
+        help="where to listen for gRPC: ':8080', '8080' or 'host:8080' (default :8080)",
+    )
+    _add_heartbeat_interval(p)
+    _add_coordinator_tuning(p)
+
+    p = sub.add_parser(
+        "worker",
+        help="runs tasks (bash -c) and reports to the coordinator",
+        description="Runs each task with `bash -c` in its own process group, writes its "
+        "output to a file and reports its status. Set WORKER_ADDRESS to the "
+        "host name other machines use to reach this worker.",
+    )
+    _flag(
+        p,
+        "worker_port",
+        type=_address("worker port"),
+        default=cfg.Address("", cfg.DEFAULT_WORKER_PORT),
+        help="where to listen for gRPC: ':8000', '8000' or 'host:8000'; 0 picks a free port (default :8000)",
+    )
+    _flag(
+        p,
+        "coordinator",
+        type=_address("coordinator address", allow_zero=False),
+        default=cfg.Address("", cfg.DEFAULT_COORDINATOR_PORT),
+        help="the coordinator to heartbeat and report to: ':8080' or 'host:8080' (default :8080)",
+    )
+    _add_worker_options(p)
+    _add_heartbeat_interval(p)
+
+    sub.add_parser(
+        "migrate",
+        help="applies the SQL migrations (idempotent)",
+        description="Applies sql/migrations/ in order, each once, recording what ran.",
+    )
+
+    p = sub.add_parser(
+        "up",
+        help="the whole stack on this machine in one command",
+        description="Starts PostgreSQL (embedded unless a database is configured), applies "
+        "the migrations, then a coordinator, N workers and the scheduler. "
+        "Ctrl-C or SIGTERM stops everything.",
+    )
+    _flag(p, "workers", type=_positive(int), default=3, help="how many workers (default %(default)s)")
+    _flag(
+        p, "host", default="127.0.0.1", help="interface the services listen on (default %(default)s: this machine only)"
+    )
+    _flag(p, "scheduler_port", type=int, default=cfg.DEFAULT_SCHEDULER_PORT, help="default %(default)s")
+    _flag(p, "coordinator_port", type=int, default=cfg.DEFAULT_COORDINATOR_PORT, help="default %(default)s")
+    _flag(
+        p,
+        "worker_port",
+        type=int,
+        default=cfg.DEFAULT_WORKER_PORT,
+        help="first worker's port; the others take the next ones; 0 picks free ports (default %(default)s)",
+    )
+    _flag(
+        p,
+        "data_dir",
+        default=None,
+        help="embedded PostgreSQL data folder, kept between runs (default: DISTRACK_DATA_DIR, else "
+        "the user data folder, e.g. ~/.local/share/distrack/pgdata)",
+    )
+    _add_worker_options(p)
+    _add_heartbeat_interval(p)
+    _add_coordinator_tuning(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from distrack.process import setup_logging
+
+    setup_logging(args.command)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"distrack {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (DistrackError, OSError) as exc:
+        print(f"distrack {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "migrate":
+        from distrack.db.migrate import migrate
+
+        applied = migrate(cfg.require_database_url())
+        print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+        return 0
+    if args.command == "scheduler":
+        from distrack.scheduler.server import serve as serve_scheduler
+
+        serve_scheduler(
+            cfg.SchedulerConfig(
+                database_url=cfg.require_database_url(),
+                listen=args.scheduler_port,
+                http_workers=args.http_workers,
+                http_threads=args.http_threads,
+                max_body_bytes=args.max_body_bytes,
+            )
+        )
+        return 0
+    if args.command == "coordinator":
+        from distrack.coordinator.server import serve as serve_coordinator
+        from distrack.process import stop_on_signals
+
+        serve_coordinator(
+            cfg.CoordinatorConfig(
+                database_url=cfg.require_database_url(),
+                listen=args.coordinator_port,
+                poll_interval_s=args.poll_interval_s,
+                heartbeat_interval_s=args.heartbeat_interval_s,
+                heartbeat_misses=args.heartbeat_misses,
+                ack_timeout_s=args.ack_timeout_s,
+                retry_delay_s=args.retry_delay_s,
+            ),
+            stop_on_signals(),
+        )
+        return 0
+    if args.command == "worker":
+        from distrack.process import stop_on_signals
+        from distrack.worker.server import serve as serve_worker
+
+        serve_worker(
+            cfg.WorkerConfig(
+                coordinator=args.coordinator,
+                listen=args.worker_port,
+                output_dir=args.output_dir,
+                slots=args.slots,
+                heartbeat_interval_s=args.heartbeat_interval_s,
+                advertise_host=os.environ.get("WORKER_ADDRESS", "").strip() or None,
+            ),
+            stop_on_signals(),
+        )
+        return 0
+    if args.command == "up":
+        from distrack.up import run_up
+
+        return run_up(args)
+    raise AssertionError(args.command)

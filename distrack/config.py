@@ -1,0 +1,134 @@
+"""Configuration: frozen dataclasses built once at startup from flags and the environment.
+
+Nothing here reads the environment at import time; `database_url_from_env` and the CLI do it when a
+service starts, so tests can hand each service its own settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from distrack.errors import ConfigError
+
+DEFAULT_SCHEDULER_PORT = 8081
+DEFAULT_COORDINATOR_PORT = 8080
+DEFAULT_WORKER_PORT = 8000
+
+# The seed's liveness rule: a heartbeat every 3 s, and a worker is gone after 3 missed ones.
+DEFAULT_HEARTBEAT_INTERVAL_S = 3.0
+DEFAULT_HEARTBEAT_MISSES = 3
+# NOTIFY wakes the coordinator at once; the poll only covers a lost notification or a restart.
+DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_SLOTS = 5
+# First retry delay; each further attempt doubles it (with jitter).
+DEFAULT_RETRY_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Address:
+    """A listen or dial address given as `:8081`, `8081` or `host:8081`."""
+
+    host: str
+    port: int
+
+    def bind_target(self) -> str:
+        """Where a server listens: every interface when no host was given."""
+        return f"{_bracket(self.host) if self.host else '0.0.0.0'}:{self.port}"
+
+    def dial_target(self) -> str:
+        """Where a client connects: this machine when no host was given."""
+        return f"{_bracket(self.host) if self.host else 'localhost'}:{self.port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def parse_address(text: str, *, what: str = "address", allow_zero: bool = False) -> Address:
+    """Parses `:8081`, `8081`, `host:8081` or `[::1]:8081`; raises ConfigError otherwise.
+
+    Port 0 (a free port chosen by the system) only where `allow_zero`: fine to listen on, not to dial.
+    """
+    value = text.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host, port_text = "", value
+    host = host.strip("[]")
+    low = 0 if allow_zero else 1
+    if not port_text.isdigit() or not low <= int(port_text) < 65536:
+        raise ConfigError(f"{what} {text!r} is not a port, ':port' or 'host:port' (port {low}-65535)")
+    return Address(host, int(port_text))
+
+
+def database_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """`DATABASE_URL`, else a URL built from the seed's `POSTGRES_*` variables, else None."""
+    env = os.environ if env is None else env
+    url = env.get("DATABASE_URL", "").strip()
+    if url:
+        return url
+    db = env.get("POSTGRES_DB", "").strip()
+    user = env.get("POSTGRES_USER", "").strip()
+    if not db and not user:
+        return None
+    password = env.get("POSTGRES_PASSWORD", "")
+    host = env.get("POSTGRES_HOST", "localhost").strip() or "localhost"
+    port = env.get("POSTGRES_PORT", "5432").strip() or "5432"
+    credentials = quote(user or "postgres", safe="")
+    if password:
+        credentials += ":" + quote(password, safe="")
+    return f"postgresql://{credentials}@{_bracket(host)}:{port}/{quote(db or user, safe='')}"
+
+
+def require_database_url(env: Mapping[str, str] | None = None) -> str:
+    url = database_url_from_env(env)
+    if url is None:
+        raise ConfigError(
+            "no database configured: set DATABASE_URL, or POSTGRES_DB/POSTGRES_USER/POSTGRES_PASSWORD "
+            "(with POSTGRES_HOST and POSTGRES_PORT), or run `distrack up` to use an embedded PostgreSQL"
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    database_url: str
+    listen: Address = Address("", DEFAULT_SCHEDULER_PORT)
+    # 0 means "suit the machine" (see distrack.scheduler.server).
+    http_workers: int = 0
+    http_threads: int = 0
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    database_url: str
+    listen: Address = Address("", DEFAULT_COORDINATOR_PORT)
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S
+    # How long one SubmitTask call may take before the dispatcher tries another worker.
+    dispatch_timeout_s: float = 5.0
+    # A task picked this long ago that no worker has reported started goes back to the queue.
+    ack_timeout_s: float = 30.0
+
+    @property
+    def worker_ttl_s(self) -> float:
+        """A worker silent for this long is declared lost."""
+        return self.heartbeat_interval_s * self.heartbeat_misses
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: Address = Address("", DEFAULT_COORDINATOR_PORT)
+    listen: Address = Address("", DEFAULT_WORKER_PORT)
+    output_dir: str = "worker_output"
+    slots: int = DEFAULT_SLOTS
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    # `WORKER_ADDRESS` from the environment: the host other machines use to reach this worker.
+    advertise_host: str | None = None
+    # How long a status report is retried while the coordinator is unreachable.
+    report_retry_s: float = 600.0

@@ -1,0 +1,51 @@
+"""The coordinator process: gRPC server, LISTEN thread and dispatcher, with one shutdown path.
+
+Concurrency: threads. gRPC handlers run on the server's thread pool, the dispatcher on its own
+thread (with a pool for SubmitTask calls), the listener on another; all share one psycopg pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from distrack.config import CoordinatorConfig
+from distrack.coordinator.dispatcher import Dispatcher
+from distrack.coordinator.registry import WorkerRegistry
+from distrack.coordinator.service import CoordinatorService
+from distrack.db.listener import Listener
+from distrack.db.pool import make_pool
+from distrack.db.store import NOTIFY_CHANNEL, TaskStore
+from distrack.process import grpc_server
+from distrack.rpc import distrack_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC_THREADS = 32
+SHUTDOWN_GRACE_S = 5.0
+
+
+def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
+    """Runs the coordinator until `stop` is set."""
+    pool = make_pool(config.database_url, max_size=GRPC_THREADS // 2 + 2, name="coordinator")
+    store = TaskStore(pool)
+    registry = WorkerRegistry(config.worker_ttl_s)
+    wakeup = threading.Event()
+    listener = Listener(config.database_url, NOTIFY_CHANNEL, wakeup)
+    dispatcher = Dispatcher(store, registry, config, wakeup)
+    server, port = grpc_server(config.listen, GRPC_THREADS)
+    distrack_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, registry, config, wakeup), server)
+    try:
+        server.start()
+        listener.start()
+        dispatcher.start()
+        log.info("coordinator listening on %s (port %d)", config.listen.bind_target(), port)
+        stop.wait()
+    finally:
+        # Order: stop claiming first, then stop taking reports (letting in-flight ones finish),
+        # then the listener, then the pool everything above used.
+        dispatcher.stop()
+        server.stop(SHUTDOWN_GRACE_S).wait()
+        listener.stop()
+        pool.close()
+        log.info("coordinator stopped")

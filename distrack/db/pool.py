@@ -1,0 +1,42 @@
+"""The psycopg connection pool, created by each process when it starts serving (after any fork)."""
+
+from __future__ import annotations
+
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+# A request must not hang while the database is away: fail over to a 503 quickly instead.
+CONNECT_TIMEOUT_S = 3
+POOL_TIMEOUT_S = 3.0
+
+
+def connection_kwargs() -> dict:
+    return {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        # Keepalives notice a database host that vanished without closing the socket.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
+
+
+def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name: str = "distrack") -> ConnectionPool:
+    """An open pool that does not wait for the database: services start (and answer 503) while it is down."""
+    pool = ConnectionPool(
+        database_url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=connection_kwargs(),
+        # A connection that died while idle (database restart) is replaced before anyone gets it.
+        check=ConnectionPool.check_connection,
+        timeout=POOL_TIMEOUT_S,
+        # Keep trying to reconnect for as long as the service runs.
+        reconnect_timeout=365 * 24 * 3600,
+        name=name,
+        open=False,
+    )
+    pool.open(wait=False)
+    return pool

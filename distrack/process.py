@@ -1,0 +1,52 @@
+"""What every long-running distrack process shares: logging, a gRPC server, a stop signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from distrack.config import Address
+
+# Refuse to share a port: grpc sets SO_REUSEPORT by default, which would let a second worker bind
+# the same port silently and steal half its connections.
+GRPC_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def setup_logging(service: str) -> None:
+    level = os.environ.get("DISTRACK_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s {service}[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def grpc_server(listen: Address, threads: int) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to `listen` (not started); returns it with the port it got."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=GRPC_SERVER_OPTIONS)
+    try:
+        port = server.add_insecure_port(listen.bind_target())
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {listen.bind_target()}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {listen.bind_target()} (address in use?)")
+    return server, port
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the main thread waits on it, then shuts down in order."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop

@@ -1,0 +1,141 @@
+"""The scheduler's HTTP API: a Falcon WSGI app over a TaskStore.
+
+`create_app(store)` takes its dependencies; `create_app_from_env()` builds them from the environment
+and is what gunicorn loads in each worker process after the fork, e.g.
+`gunicorn 'distrack.scheduler.app:create_app_from_env()'`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import falcon
+
+from distrack.config import require_database_url
+from distrack.db.pool import make_pool
+from distrack.db.store import TaskStore
+from distrack.errors import DatabaseUnavailable
+from distrack.scheduler.validation import InvalidInput, parse_schedule_request, parse_task_id
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+LIFECYCLE_TIMESTAMPS = ("picked_at", "started_at", "completed_at", "failed_at")
+# How long clients should wait before retrying while the database is away.
+RETRY_AFTER_S = 2
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC with microseconds and a Z, e.g. 2026-11-23T04:11:54.123456Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def task_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A task row as the API shows it: lifecycle timestamps only once they have happened."""
+    doc: dict[str, Any] = {
+        "task_id": str(row["id"]),
+        "command": row["command"],
+        "scheduled_at": rfc3339(row["scheduled_at"]),
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "timeout_seconds": row["timeout_seconds"],
+    }
+    for name in LIFECYCLE_TIMESTAMPS:
+        if row.get(name) is not None:
+            doc[name] = rfc3339(row[name])
+    for name in ("exit_code", "worker_id", "error"):
+        if name in row:
+            doc[name] = row[name]
+    return doc
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    if req.content_length is not None and req.content_length > limit:
+        raise falcon.HTTPContentTooLarge(
+            title="Body too large",
+            description=f"the body is {req.content_length} bytes; the limit is {limit}",
+        )
+    # A chunked body has no Content-Length, and Falcon's bounded_stream would read none of it; the
+    # server (gunicorn) marks such input as terminated, so it is safe to read up to the limit.
+    chunked = req.content_length is None and req.env.get("wsgi.input_terminated")
+    body = (req.stream if chunked else req.bounded_stream).read(limit + 1)
+    if len(body) > limit:
+        raise falcon.HTTPContentTooLarge(title="Body too large", description=f"the body is over {limit} bytes")
+    return body
+
+
+class ScheduleResource:
+    def __init__(self, store: TaskStore, max_body_bytes: int) -> None:
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = parse_schedule_request(read_body(req, self.max_body_bytes))
+        row = self.store.insert_task(
+            request.command,
+            request.delay_seconds,
+            max_attempts=request.max_attempts,
+            timeout_seconds=request.timeout_seconds,
+        )
+        resp.media = task_json(row)
+
+
+class StatusResource:
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        task_id = parse_task_id(req.get_param("task_id"))
+        resp.media = self._get(task_id)
+
+    def on_get_task(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        resp.media = self._get(parse_task_id(task_id))
+
+    def _get(self, task_id: uuid.UUID) -> dict[str, Any]:
+        row = self.store.get_task(task_id)
+        if row is None:
+            raise falcon.HTTPNotFound(title="Unknown task", description=f"no task has id {task_id}")
+        return task_json(row)
+
+
+class HealthResource:
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.store.ping()
+        resp.media = {"status": "ok"}
+
+
+def _invalid_input(req: falcon.Request, resp: falcon.Response, exc: InvalidInput, params: dict) -> None:
+    raise falcon.HTTPBadRequest(title="Invalid input", description=str(exc))
+
+
+def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+    raise falcon.HTTPServiceUnavailable(
+        title="Database unavailable",
+        description="the task database cannot be reached right now; nothing was stored, retry later",
+        retry_after=RETRY_AFTER_S,
+    )
+
+
+def create_app(store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> falcon.App:
+    app = falcon.App()
+    # Clients such as `curl -d` send JSON without a JSON content type; the body is parsed as JSON
+    # whatever it says, so no media handler is involved in reading requests.
+    app.req_options.strip_url_path_trailing_slash = True
+    status = StatusResource(store)
+    app.add_route("/schedule", ScheduleResource(store, max_body_bytes))
+    app.add_route("/status", status)
+    app.add_route("/tasks/{task_id}", status, suffix="task")
+    app.add_route("/health", HealthResource(store))
+    app.add_error_handler(InvalidInput, _invalid_input)
+    app.add_error_handler(DatabaseUnavailable, _database_unavailable)
+    return app
+
+
+def create_app_from_env(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> falcon.App:
+    """The WSGI app with its own pool, for gunicorn to load in each worker after the fork."""
+    store = TaskStore(make_pool(require_database_url(), name="scheduler"))
+    return create_app(store, max_body_bytes=max_body_bytes)

@@ -1,0 +1,73 @@
+"""Serves the scheduler app with gunicorn: gthread workers, each with its own pool after the fork."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from gunicorn.app.base import BaseApplication
+
+from distrack.config import SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+# Requests are short and mostly wait on PostgreSQL, so a few threads per process keep both cores
+# busy; keep-alive lets a client reuse its connection instead of paying a TCP handshake per task.
+THREADS_PER_WORKER = 8
+KEEPALIVE_S = 30
+
+
+def default_http_workers() -> int:
+    return max(2, min(os.cpu_count() or 1, 8))
+
+
+class SchedulerApplication(BaseApplication):
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        config = self.config
+        settings = {
+            "bind": [config.listen.bind_target()],
+            "workers": config.http_workers or default_http_workers(),
+            "worker_class": "gthread",
+            "threads": config.http_threads or THREADS_PER_WORKER,
+            "keepalive": KEEPALIVE_S,
+            "graceful_timeout": 10,
+            "timeout": 60,
+            "proc_name": "distrack-scheduler",
+            "accesslog": os.environ.get("DISTRACK_ACCESS_LOG") or None,
+            "errorlog": "-",
+            "loglevel": os.environ.get("DISTRACK_LOG_LEVEL", "info").lower(),
+            "worker_exit": _close_pool,
+        }
+        # gunicorn 27 opens a control socket at one fixed path per user, which a second scheduler on
+        # the same machine would fight over; distrack does not use it.
+        if "control_socket_disable" in self.cfg.settings:
+            settings["control_socket_disable"] = True
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):  # noqa: ANN201 - the WSGI app
+        # Runs in each gunicorn worker after the fork, so every process owns its own pool.
+        from distrack.db.pool import make_pool
+        from distrack.db.store import TaskStore
+        from distrack.scheduler.app import create_app
+
+        pool = make_pool(self.config.database_url, max_size=self.cfg.threads + 1, name="scheduler")
+        _pools.append(pool)
+        return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes)
+
+
+_pools: list = []
+
+
+def _close_pool(server: object, worker: object) -> None:
+    while _pools:
+        _pools.pop().close()
+
+
+def serve(config: SchedulerConfig) -> None:
+    """Runs gunicorn in this process until it receives SIGTERM or SIGINT."""
+    SchedulerApplication(config).run()

@@ -1,0 +1,130 @@
+"""Parsing and checking of what HTTP clients send. Pure functions: bytes and strings in, values or
+InvalidInput (with a message for the client) out."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+MAX_COMMAND_BYTES = 64 * 1024  # well under Linux's 128 KiB limit on one argv string (bash -c CMD)
+MAX_DELAY_SECONDS = 366 * 24 * 3600  # a year (and a leap day): farther than that is a mistake
+MAX_ATTEMPTS = 100
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+SCHEDULE_FIELDS = ("command", "delay_seconds", "max_attempts", "timeout_seconds")
+
+
+class InvalidInput(ValueError):
+    """The client's input is wrong; the message says how."""
+
+
+@dataclass(frozen=True)
+class ScheduleRequest:
+    command: str
+    delay_seconds: float = 0.0
+    max_attempts: int = 1
+    timeout_seconds: float | None = None
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidInput(f"body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise InvalidInput('body is empty: send a JSON object such as {"command": "echo hello", "delay_seconds": 5}')
+    try:
+        text = body.decode("utf-8")  # strictly: json.loads(bytes) would guess UTF-16 from a BOM
+    except UnicodeDecodeError:
+        raise InvalidInput("body is not UTF-8 text") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError, or an integer with thousands of digits
+        raise InvalidInput(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("body is not valid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"body must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def parse_schedule_request(body: bytes) -> ScheduleRequest:
+    data = parse_json_object(body)
+    unknown = sorted(set(data) - set(SCHEDULE_FIELDS))
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown))}; expected {', '.join(SCHEDULE_FIELDS)}")
+    return ScheduleRequest(
+        command=_command(data.get("command")),
+        delay_seconds=_number(data.get("delay_seconds", 0), "delay_seconds", 0, MAX_DELAY_SECONDS),
+        max_attempts=_integer(data.get("max_attempts", 1), "max_attempts", 1, MAX_ATTEMPTS),
+        timeout_seconds=_optional_timeout(data.get("timeout_seconds")),
+    )
+
+
+def parse_task_id(text: str | None) -> uuid.UUID:
+    if text is None or not text.strip():
+        raise InvalidInput("task_id is required, e.g. /status?task_id=<uuid>")
+    try:
+        return uuid.UUID(text.strip())
+    except ValueError:
+        raise InvalidInput(f"task_id {text[:100]!r} is not a UUID") from None
+
+
+def _command(value: Any) -> str:
+    if value is None:
+        raise InvalidInput("command is required")
+    if not isinstance(value, str):
+        raise InvalidInput(f"command must be a string, not {_json_type(value)}")
+    if not value.strip():
+        raise InvalidInput("command must not be empty")
+    if "\x00" in value:
+        raise InvalidInput("command must not contain a NUL character")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_COMMAND_BYTES:
+        raise InvalidInput(f"command is {size} bytes; the limit is {MAX_COMMAND_BYTES}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("command contains an unpaired surrogate (not valid Unicode)") from None
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{name} must be a number, not {_json_type(value)}")
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low:g} and {high:g}, not {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer, not {_json_type(value)}")
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _optional_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = _number(value, "timeout_seconds", 0, MAX_TIMEOUT_SECONDS)
+    if seconds <= 0:
+        raise InvalidInput("timeout_seconds must be greater than 0")
+    return seconds
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

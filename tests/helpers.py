@@ -1,0 +1,234 @@
+"""Helpers for tests: waiting on conditions, free ports, an HTTP client, service processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+REPO = Path(__file__).resolve().parents[1]
+# Fast liveness for tests: a heartbeat every 0.2 s, a worker lost after 3 misses.
+TEST_HEARTBEAT_S = 0.2
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> object:
+    """Polls `condition` until it returns something truthy; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_database(url: str, dbname: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+# --- service processes
+
+
+class Service:
+    """One `python -m distrack ...` process, with its log in a file; stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distrack", *argv],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # Whatever it started in its session (gunicorn workers, task commands) goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+
+class Cluster:
+    """Real processes on free loopback ports against one test database."""
+
+    def __init__(self, db_url: str, workdir: Path) -> None:
+        self.db_url = db_url
+        self.workdir = workdir
+        self.output_dir = workdir / "worker_output"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "WORKER_ADDRESS"))}
+        self.env.update(DATABASE_URL=db_url, PYTHONUNBUFFERED="1", DISTRACK_LOG_LEVEL="INFO")
+        self.services: list[Service] = []
+        self.coordinator_port = free_port()
+        self.scheduler_port = free_port()
+        self._counter = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.scheduler_port}"
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        service = Service(name, argv, env or self.env, self.workdir)
+        self.services.append(service)
+        return service
+
+    def coordinator(self, *extra: str) -> Service:
+        service = self.start(
+            "coordinator",
+            [
+                "coordinator",
+                f"--coordinator_port=127.0.0.1:{self.coordinator_port}",
+                f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
+                "--poll_interval_s=0.5",
+                *extra,
+            ],
+        )
+        self.wait_port(self.coordinator_port, service)
+        return service
+
+    def worker(self, *extra: str, slots: int = 5) -> Service:
+        self._counter += 1
+        port = free_port()
+        service = self.start(
+            f"worker{self._counter}",
+            [
+                "worker",
+                f"--worker_port=127.0.0.1:{port}",
+                f"--coordinator=127.0.0.1:{self.coordinator_port}",
+                f"--output_dir={self.output_dir}",
+                f"--slots={slots}",
+                f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
+                *extra,
+            ],
+        )
+        service.port = port  # type: ignore[attr-defined]
+        self.wait_port(port, service)
+        return service
+
+    def scheduler(self, *extra: str) -> Service:
+        service = self.start(
+            "scheduler",
+            [
+                "scheduler",
+                f"--scheduler_port=127.0.0.1:{self.scheduler_port}",
+                "--http_workers=2",
+                *extra,
+            ],
+        )
+        self.wait_port(self.scheduler_port, service)
+        return service
+
+    def wait_port(self, port: int, service: Service, timeout: float = 30.0) -> None:
+        def listening() -> bool:
+            if not service.alive():
+                pytest.fail(f"{service.name} exited with {service.proc.returncode}:\n{service.log()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+            return False
+
+        wait_for(listening, timeout, what=f"{service.name} to listen on {port}")
+
+    def stop_all(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {s.name} (pid {s.pid})\n{s.log()}" for s in self.services)
+
+
+class Api:
+    """A small JSON client for the scheduler's HTTP API."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | dict | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, Any]:
+        data = (
+            json.dumps(body).encode() if isinstance(body, dict) else (body.encode() if isinstance(body, str) else body)
+        )
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def schedule(self, command: str, delay_seconds: float = 0, **extra: Any) -> dict:
+        status, doc = self.request("POST", "/schedule", {"command": command, "delay_seconds": delay_seconds, **extra})
+        assert status == 200, (status, doc)
+        return doc
+
+    def status(self, task_id: str) -> dict:
+        status, doc = self.request("GET", f"/status?task_id={task_id}")
+        assert status == 200, (status, doc)
+        return doc
+
+    def wait_final(self, task_id: str, timeout: float = 20.0) -> dict:
+        """Waits until the task is completed, failed or cancelled; returns its status document."""
+
+        def final() -> dict | None:
+            doc = self.status(task_id)
+            return doc if doc["status"] in ("completed", "failed", "cancelled") else None
+
+        return wait_for(final, timeout, what=f"task {task_id} to finish")  # type: ignore[return-value]

@@ -1,0 +1,123 @@
+"""The HTTP API in-process (Falcon's TestClient) over a real database: answers and every bad input."""
+
+import re
+import uuid
+from datetime import UTC, datetime
+
+import falcon.testing
+import pytest
+
+from distrack.db.pool import make_pool
+from distrack.db.store import TaskStore
+from distrack.scheduler.app import create_app
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture
+def client(store):
+    return falcon.testing.TestClient(create_app(store, max_body_bytes=4096))
+
+
+def test_schedule_returns_the_stored_task(client, store):
+    resp = client.simulate_post("/schedule", body='{"command": "echo hello", "delay_seconds": 5}')
+    assert resp.status_code == 200
+    doc = resp.json
+    assert doc["command"] == "echo hello" and doc["status"] == "queued"
+    assert RFC3339_UTC.match(doc["scheduled_at"])
+    row = store.get_task(uuid.UUID(doc["task_id"]))  # committed
+    assert row["command"] == "echo hello"
+    assert 4 < (row["scheduled_at"] - datetime.now(UTC)).total_seconds() <= 5
+
+
+def test_schedule_accepts_json_without_a_json_content_type(client):
+    # What `curl -d '{...}'` sends: application/x-www-form-urlencoded.
+    resp = client.simulate_post("/schedule", body='{"command": "true"}',
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200
+
+
+def test_status_shows_lifecycle_fields_once_they_happen(client, store):
+    tid = client.simulate_post("/schedule", json={"command": "echo"}).json["task_id"]
+    doc = client.simulate_get("/status", params={"task_id": tid}).json
+    assert doc["task_id"] == tid and doc["status"] == "queued" and doc["attempts"] == 0
+    assert {"exit_code", "worker_id", "error"} <= set(doc)
+    assert not {"picked_at", "started_at", "completed_at", "failed_at"} & set(doc)
+    (task,) = store.claim_due(1)
+    store.mark_running(task.id, task.attempt, "w1")
+    store.mark_completed(task.id, task.attempt, "w1", 0)
+    doc = client.simulate_get("/status", params={"task_id": tid}).json
+    assert doc["status"] == "completed" and doc["exit_code"] == 0 and doc["worker_id"] == "w1"
+    for name in ("scheduled_at", "picked_at", "started_at", "completed_at"):
+        assert RFC3339_UTC.match(doc[name]), name
+    assert "failed_at" not in doc
+    assert client.simulate_get(f"/tasks/{tid}").json == doc
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "JSON object"),
+        ('{"delay_seconds": 5}', "command is required"),
+        ('{"command": ""}', "must not be empty"),
+        ('{"command": 7}', "must be a string"),
+        ('{"command": "x", "delay_seconds": "soon"}', "must be a number"),
+        ('{"command": "x", "delay_seconds": -5}', "between"),
+        ('{"command": "x", "delay_seconds": 1e12}', "between"),
+        ('{"command": "x", "max_attempts": 0}', "max_attempts"),
+        ('{"command": "x", "extra": 1}', "unknown field"),
+        ("", "body is empty"),
+    ],
+)
+def test_bad_schedule_input_is_400_with_a_json_reason(client, body, fragment):
+    resp = client.simulate_post("/schedule", body=body)
+    assert resp.status_code == 400
+    assert fragment in resp.json["description"]
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "fragment"),
+    [
+        ({}, 400, "task_id is required"),
+        ({"task_id": "not-a-uuid"}, 400, "not a UUID"),
+        ({"task_id": str(uuid.uuid4())}, 404, "no task has id"),
+    ],
+)
+def test_bad_status_queries(client, params, status, fragment):
+    resp = client.simulate_get("/status", params=params)
+    assert resp.status_code == status
+    assert fragment in resp.json["description"]
+
+
+def test_wrong_method_is_405_and_unknown_path_404(client):
+    assert client.simulate_get("/schedule").status_code == 405
+    assert client.simulate_delete("/status").status_code == 405
+    resp = client.simulate_get("/nope")
+    assert resp.status_code == 404 and resp.json["title"]
+
+
+def test_body_over_the_limit_is_413(client):
+    resp = client.simulate_post("/schedule", body='{"command": "' + "x" * 5000 + '"}')
+    assert resp.status_code == 413
+    assert "limit is 4096" in resp.json["description"]
+
+
+def test_database_unreachable_is_503_and_nothing_claims_success():
+    pool = make_pool("postgresql://nobody@127.0.0.1:1/none", max_size=1)
+    try:
+        client = falcon.testing.TestClient(create_app(TaskStore(pool)))
+        resp = client.simulate_post("/schedule", json={"command": "echo"})
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "2"
+        assert "nothing was stored" in resp.json["description"]
+        assert client.simulate_get("/health").status_code == 503
+        # Bad input is still a 400, not a 503: validation comes before the database.
+        assert client.simulate_post("/schedule", body="{").status_code == 400
+    finally:
+        pool.close()
+
+
+def test_health(client):
+    resp = client.simulate_get("/health")
+    assert resp.status_code == 200 and resp.json == {"status": "ok"}
