@@ -95,6 +95,18 @@ def _wait_for_http(url: str, child: Child, deadline: float) -> None:
     raise RuntimeError(f"{child.name} did not answer {url} within {READY_TIMEOUT_S:.0f} s")
 
 
+def _check_port_free(host: str, port: int, name: str) -> None:
+    """Fails early, in one clear line, when a port is taken (rather than probing someone else's server)."""
+    if port == 0:
+        raise RuntimeError(f"the {name} needs a fixed port (0 is only for workers)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host or "0.0.0.0", port))
+        except OSError as exc:
+            raise RuntimeError(f"the {name} cannot listen on {_hostport(host, port)}: {exc.strerror}") from None
+
+
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
 
@@ -115,6 +127,10 @@ def run_up(args: argparse.Namespace) -> int:
     embedded: EmbeddedPostgres | None = None
     children: list[Child] = []
     try:
+        _check_port_free(args.host, args.scheduler_port, "scheduler")
+        _check_port_free(args.host, args.coordinator_port, "coordinator")
+        for index in range(args.workers if args.worker_port else 0):
+            _check_port_free(args.host, args.worker_port + index, f"worker {index + 1}")
         database_url = database_url_from_env()
         if database_url is None:
             data_dir = Path(args.data_dir or os.environ.get("DISTRACK_DATA_DIR") or default_data_dir())

@@ -32,8 +32,9 @@ def test_schedule_returns_the_stored_task(client, store):
 
 def test_schedule_accepts_json_without_a_json_content_type(client):
     # What `curl -d '{...}'` sends: application/x-www-form-urlencoded.
-    resp = client.simulate_post("/schedule", body='{"command": "true"}',
-                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = client.simulate_post(
+        "/schedule", body='{"command": "true"}', headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert resp.status_code == 200
 
 

@@ -165,8 +165,14 @@ def test_services_without_a_database_say_so_and_exit_non_zero(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("POSTGRES_")}
     for service in ("scheduler", "coordinator", "migrate"):
-        out = subprocess.run([sys.executable, "-m", "distrack", service], env=env, capture_output=True,
-                             text=True, timeout=30, cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, "-m", "distrack", service],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+        )
         assert out.returncode != 0
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "no database configured" in lines[0], out.stderr

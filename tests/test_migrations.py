@@ -20,7 +20,9 @@ def schema_snapshot(url: str) -> list[tuple]:
             "SELECT table_name, column_name, data_type, is_nullable, column_default "
             "FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2"
         ).fetchall()
-        idx = conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1").fetchall()
+        idx = conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1"
+        ).fetchall()
         trg = conn.execute("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1").fetchall()
     return cols + idx + trg
 
@@ -59,8 +61,11 @@ def test_psql_by_hand_matches_distrack_migrate_and_can_be_rerun(empty_db_url, db
     files = sorted((REPO / "sql" / "migrations").rglob("[0-9][0-9][0-9][0-9]_*.sql"))
     for _ in range(2):  # twice: the files are idempotent
         for path in files:
-            out = subprocess.run([str(PSQL), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", empty_db_url, "-f", str(path)],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [str(PSQL), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", empty_db_url, "-f", str(path)],
+                capture_output=True,
+                text=True,
+            )
             assert out.returncode == 0, out.stderr
     assert schema_snapshot(empty_db_url) == schema_snapshot(db_url)
     # And `distrack migrate` sees them as applied.
@@ -88,7 +93,8 @@ def test_claim_reads_only_the_partial_index_whatever_the_history(sql_conn):
         "SELECT gen_random_uuid(), 'echo', now() - interval '1 hour', 'completed', 1 FROM generate_series(1, 20000)"
     )
     sql_conn.execute(
-        "INSERT INTO tasks (id, command, scheduled_at) SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 5)"
+        "INSERT INTO tasks (id, command, scheduled_at) "
+        "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 5)"
     )
     sql_conn.execute("ANALYZE tasks")
     claim = queries()["claim_due"].replace("%(limit)s", "10")

@@ -43,8 +43,10 @@ def test_concurrent_claims_never_share_a_task(db_url):
     pool.wait(10)
     store = TaskStore(pool)
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO tasks (id, command, scheduled_at) "
-                     "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 2000)")
+        conn.execute(
+            "INSERT INTO tasks (id, command, scheduled_at) "
+            "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 2000)"
+        )
     claimed: list[list] = [[] for _ in range(6)]
 
     def claimer(i: int) -> None:

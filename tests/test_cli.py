@@ -1,0 +1,66 @@
+"""The command line: every subcommand explains its options, and bad flags get a clear error."""
+
+import subprocess
+import sys
+
+import pytest
+
+from distrack.cli import build_parser
+from distrack.config import Address
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "options"),
+    [
+        ("scheduler", ["--scheduler_port"]),
+        ("coordinator", ["--coordinator_port", "--poll_interval_s", "--heartbeat_interval_s", "--heartbeat_misses"]),
+        ("worker", ["--worker_port", "--coordinator", "--output_dir", "--slots", "WORKER_ADDRESS"]),
+        ("migrate", []),
+        ("up", ["--workers", "--data_dir", "--host"]),
+    ],
+)
+def test_help_explains_each_option(subcommand, options):
+    out = subprocess.run([sys.executable, "-m", "distrack", subcommand, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for option in options:
+        assert option in out.stdout, option
+
+
+def test_top_level_help_lists_subcommands_and_database_settings():
+    out = subprocess.run([sys.executable, "-m", "distrack", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for word in ("scheduler", "coordinator", "worker", "migrate", "up", "DATABASE_URL", "POSTGRES_HOST"):
+        assert word in out.stdout
+
+
+@pytest.mark.parametrize("spelling", ["--scheduler_port={}", "--scheduler-port={}"])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(":9001", Address("", 9001)), ("9001", Address("", 9001)), ("myhost:9001", Address("myhost", 9001))],
+)
+def test_seed_port_spellings(spelling, text, expected):
+    args = build_parser().parse_args(["scheduler", spelling.format(text)])
+    assert args.scheduler_port == expected
+
+
+def test_worker_defaults_match_the_seed():
+    args = build_parser().parse_args(["worker"])
+    assert (args.worker_port, args.coordinator) == (Address("", 8000), Address("", 8080))
+    assert (args.output_dir, args.slots) == ("worker_output", 5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["worker", "--worker_port=abc"],
+        ["worker", "--slots=0"],
+        ["worker", "--coordinator=:0"],
+        ["coordinator", "--poll_interval_s=-1"],
+        ["scheduler", "--scheduler_port=70000"],
+        ["nope"],
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(argv):
+    out = subprocess.run([sys.executable, "-m", "distrack", *argv], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "error:" in out.stderr
