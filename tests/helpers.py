@@ -68,6 +68,8 @@ class Service:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Not the repository: the services import the installed package, as users run them.
+            cwd=log_dir,
         )
 
     @property
