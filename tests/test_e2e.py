@@ -176,3 +176,31 @@ def test_services_without_a_database_say_so_and_exit_non_zero(tmp_path):
         assert out.returncode != 0
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "no database configured" in lines[0], out.stderr
+
+
+def test_notify_wakes_the_coordinator_long_before_its_poll(cluster):
+    # A 60 s poll: only the NOTIFY from the insert can get the task running within seconds.
+    cluster.coordinator("--poll_interval_s=60")
+    cluster.worker()
+    cluster.scheduler()
+    api = Api(cluster.url)
+    wait_for(lambda: "joined at" in cluster.services[0].log(), what="the worker to join")
+    for _ in range(3):
+        doc = api.wait_final(api.schedule("true")["task_id"], timeout=5)
+        assert doc["status"] == "completed"
+        assert (ts(doc["started_at"]) - ts(doc["scheduled_at"])).total_seconds() < 1
+
+
+def test_a_dispatch_refused_by_a_dead_worker_goes_to_the_next_without_costing_an_attempt(cluster):
+    # Many allowed misses: the dead worker stays registered, so dispatches to it are refused.
+    coordinator = cluster.coordinator("--heartbeat_misses=100")
+    dead = cluster.worker()
+    cluster.worker()
+    cluster.scheduler()
+    wait_for(lambda: coordinator.log().count("joined at") == 2, what="two workers to join")
+    dead.signal(signal.SIGKILL)
+    dead.proc.wait()
+    api = Api(cluster.url)
+    docs = [api.wait_final(api.schedule("true")["task_id"]) for _ in range(6)]
+    assert all(d["status"] == "completed" and d["attempts"] == 1 for d in docs), docs
+    assert "refused" in coordinator.log()

@@ -89,3 +89,10 @@ def test_release_task_finds_its_worker_and_is_idempotent():
     reg.release_task("t2")
     reg.release_task("t2")
     assert reg.free_slots() == 1
+
+
+def test_a_worker_first_seen_with_running_tasks_has_those_slots_taken():
+    # A coordinator that restarted meets workers that are already busy.
+    reg, _ = registry_with()
+    reg.heartbeat("a", "a:8000", 3, running_task_ids=["t1", "t2"])
+    assert reg.free_slots() == 1

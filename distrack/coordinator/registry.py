@@ -53,7 +53,9 @@ class WorkerRegistry:
         with self._lock:
             info = self._workers.get(worker_id)
             if info is None:
-                self._workers[worker_id] = WorkerInfo(worker_id, address, max(slots, 0), now)
+                # Known to a restarted coordinator only now: what it already runs holds its slots.
+                in_flight = dict.fromkeys(running, now)
+                self._workers[worker_id] = WorkerInfo(worker_id, address, max(slots, 0), now, in_flight)
                 return True
             info.address = address
             info.slots = max(slots, 0)
