@@ -211,6 +211,9 @@ class Api:
                 status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError) as exc:
+            # Nothing answered (not up yet, or gone): status 0, so callers can wait or assert on it.
+            return 0, str(exc)
         try:
             return status, json.loads(raw) if raw else None
         except ValueError:

@@ -1,0 +1,182 @@
+"""A worker process against a recording coordinator (a real gRPC server in the test): its protocol."""
+
+import signal
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from helpers import TEST_HEARTBEAT_S, Service, free_port, wait_for
+
+from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+
+Status = distrack_pb2.TaskStatus
+
+
+class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
+    """Records heartbeats and reports; can refuse the next N reports with UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.heartbeats: list[distrack_pb2.HeartbeatRequest] = []
+        self.reports: list[distrack_pb2.TaskStatusUpdate] = []
+        self.refuse_reports = 0
+        self.refused = 0
+
+    def Heartbeat(self, request, context):
+        with self.lock:
+            self.heartbeats.append(request)
+        return distrack_pb2.HeartbeatResponse()
+
+    def UpdateTaskStatus(self, request, context):
+        with self.lock:
+            if self.refuse_reports > 0:
+                self.refuse_reports -= 1
+                self.refused += 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "database down (test)")
+            self.reports.append(request)
+        return distrack_pb2.TaskStatusAck(recorded=True)
+
+    def statuses(self, task_id: str) -> list[int]:
+        with self.lock:
+            return [r.status for r in self.reports if r.task_id == task_id]
+
+    def final(self, task_id: str) -> distrack_pb2.TaskStatusUpdate | None:
+        with self.lock:
+            done = [r for r in self.reports if r.task_id == task_id and r.status != Status.INPROGRESS]
+        return done[-1] if done else None
+
+
+@pytest.fixture
+def coordinator():
+    servicer = RecordingCoordinator()
+    server = grpc.server(ThreadPoolExecutor(4))
+    distrack_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.port = port
+    yield servicer
+    server.stop(0).wait()
+
+
+@pytest.fixture
+def worker(coordinator, tmp_path):
+    started: list[Service] = []
+
+    def start(slots: int = 1, env_extra: dict | None = None) -> tuple[Service, distrack_pb2_grpc.WorkerStub]:
+        import os
+
+        port = free_port()
+        env = dict(os.environ, **(env_extra or {}))
+        service = Service(
+            f"worker{len(started)}",
+            [
+                "worker",
+                f"--worker_port=127.0.0.1:{port}",
+                f"--coordinator=127.0.0.1:{coordinator.port}",
+                f"--output_dir={tmp_path / 'out'}",
+                f"--slots={slots}",
+                f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
+            ],
+            env,
+            tmp_path,
+        )
+        started.append(service)
+        wait_for(
+            lambda: any(h.address.endswith(f":{port}") for h in coordinator.heartbeats),
+            20,
+            what="the worker's first heartbeat",
+        )
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        return service, distrack_pb2_grpc.WorkerStub(channel)
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def submit(stub, command: str, attempt: int = 1, timeout_seconds: float = 0) -> str:
+    task_id = str(uuid.uuid4())
+    resp = stub.SubmitTask(
+        distrack_pb2.TaskRequest(task_id=task_id, command=command, attempt=attempt, timeout_seconds=timeout_seconds),
+        timeout=5,
+    )
+    assert resp.accepted
+    return task_id
+
+
+def test_heartbeats_carry_identity_address_slots_and_running_tasks(coordinator, worker):
+    _, stub = worker(slots=3)
+    task_id = submit(stub, "sleep 2")
+    hb = wait_for(
+        lambda: next((h for h in reversed(coordinator.heartbeats) if task_id in h.running_task_ids), None),
+        what="a heartbeat listing the running task",
+    )
+    assert hb.slots == 3 and hb.worker_id and not hb.address.startswith("0.0.0.0")
+
+
+def test_reports_inprogress_then_completed_with_the_attempt(coordinator, worker):
+    _, stub = worker()
+    task_id = submit(stub, "echo hi", attempt=4)
+    final = wait_for(lambda: coordinator.final(task_id), what="the final report")
+    assert coordinator.statuses(task_id) == [Status.INPROGRESS, Status.COMPLETED]
+    assert final.attempt == 4 and final.exit_code == 0 and final.error == ""
+
+
+def test_refuses_a_task_beyond_its_slots_with_resource_exhausted(coordinator, worker):
+    _, stub = worker(slots=1)
+    first = submit(stub, "sleep 1")
+    with pytest.raises(grpc.RpcError) as info:
+        submit(stub, "echo second")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    wait_for(lambda: coordinator.final(first), what="the first task to finish")
+    submit(stub, "echo third")  # the slot is free again
+
+
+def test_rejects_malformed_tasks(coordinator, worker):
+    _, stub = worker()
+    for request in (
+        distrack_pb2.TaskRequest(task_id="nope", command="true"),
+        distrack_pb2.TaskRequest(task_id=str(uuid.uuid4()), command=""),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitTask(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_timeout_kills_the_whole_process_group(coordinator, worker, tmp_path):
+    _, stub = worker()
+    marker = tmp_path / "grandchild-survived"
+    # The grandchild would touch the marker after 2 s unless its process group is killed.
+    task_id = submit(stub, f"(sleep 2; touch {marker}) & sleep 30", timeout_seconds=0.5)
+    final = wait_for(lambda: coordinator.final(task_id), timeout=10, what="the timed-out report")
+    assert final.status == Status.FAILED
+    assert final.error == "timed out after 0.5 s"
+    with pytest.raises(pytest.fail.Exception):
+        wait_for(lambda: marker.exists(), timeout=2.5)
+
+
+def test_reports_survive_a_coordinator_outage(coordinator, worker):
+    _, stub = worker()
+    coordinator.refuse_reports = 5  # the INPROGRESS report and then some: retried with backoff
+    task_id = submit(stub, "echo through-the-outage")
+    final = wait_for(lambda: coordinator.final(task_id), timeout=20, what="the report after the outage")
+    assert final.status == Status.COMPLETED
+    assert coordinator.refused == 5
+    assert coordinator.statuses(task_id) == [Status.INPROGRESS, Status.COMPLETED]
+
+
+def test_sigterm_lets_the_running_task_finish_and_report(coordinator, worker):
+    service, stub = worker()
+    task_id = submit(stub, "sleep 1; echo finished")
+    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(task_id), what="the task to start")
+    service.signal(signal.SIGTERM)
+    assert service.proc.wait(20) == 0
+    final = coordinator.final(task_id)
+    assert final is not None and final.status == Status.COMPLETED
+
+
+def test_worker_address_env_is_what_it_advertises(coordinator, worker):
+    worker(env_extra={"WORKER_ADDRESS": "worker-7.example"})
+    assert any(h.address.startswith("worker-7.example:") for h in coordinator.heartbeats)
