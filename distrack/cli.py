@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from distrack import config as cfg
+from distrack.db.store import MAX_RETRY_DELAY_S
 from distrack.errors import ConfigError, DistrackError
 
 log = logging.getLogger("distrack")
@@ -46,6 +47,23 @@ def _positive(kind: type):  # noqa: ANN202
         return value
 
     return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _retry_delay(text: str) -> float:
+    value = _non_negative(text)
+    if value > MAX_RETRY_DELAY_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is over the {MAX_RETRY_DELAY_S:g} s cap")
+    return value
 
 
 def _add_coordinator_tuning(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ DEFAULT_HEARTBEAT_MISSES = 3
 # NOTIFY wakes the coordinator at once; the poll only covers a lost notification or a restart.
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_SLOTS = 5
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
 # First retry delay; each further attempt doubles it (with jitter).
 DEFAULT_RETRY_DELAY_S = 1.0
 
@@ -120,6 +121,11 @@ class CoordinatorConfig:
         """A worker silent for this long is declared lost."""
         return self.heartbeat_interval_s * self.heartbeat_misses
 
+    @property
+    def registry_refresh_s(self) -> float:
+        """How often the shared worker registry is read back from the database."""
+        return min(self.heartbeat_interval_s, self.poll_interval_s) / 2
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -130,5 +136,10 @@ class WorkerConfig:
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     # `WORKER_ADDRESS` from the environment: the host other machines use to reach this worker.
     advertise_host: str | None = None
-    # How long a status report is retried while the coordinator is unreachable.
-    report_retry_s: float = 600.0
+    # How long a status report is retried while the coordinator is unreachable: as long as the
+    # worker runs, in effect (a day).
+    report_retry_s: float = 24 * 3600.0
+    # A limit for tasks that come without their own timeout_seconds; 0 means none.
+    task_timeout_s: float = 0.0
+    # On SIGTERM, how long running tasks get to finish before they are stopped.
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S

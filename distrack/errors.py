@@ -18,6 +18,10 @@ class DatabaseUnavailable(DistrackError):
     """The database cannot be reached right now."""
 
 
+class DataRejected(DistrackError):
+    """The database cannot store that data."""
+
+
 class MigrationError(DistrackError):
     """A migration could not be applied."""
 

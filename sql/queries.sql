@@ -1,5 +1,9 @@
 -- Every statement distrack runs, by name. distrack/db/queries.py parses the `-- name --` headers
 -- once; only distrack/db/store.py executes them. Parameters are psycopg's %(name)s placeholders.
+--
+-- Fencing: an attempt is owned by (worker_id, attempts) while the task is picked or running. Every
+-- statement that moves an attempt on names that owner in its WHERE clause, so a late, repeated or
+-- stale report or rescue changes nothing.
 
 -- insert_task --
 INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)
@@ -9,27 +13,37 @@ RETURNING id, command, scheduled_at, status, attempts, max_attempts, timeout_sec
 
 -- get_task --
 SELECT id, command, scheduled_at, picked_at, started_at, completed_at, failed_at,
+       cancel_requested_at, cancelled_at,
        status, attempts, max_attempts, timeout_seconds, worker_id, exit_code, error
 FROM tasks
 WHERE id = %(id)s;
 
 -- claim_due --
--- One statement, one short transaction: lock up to %(limit)s due rows that no other coordinator
--- holds, and mark them picked. The caller dispatches them after this commits.
+-- One statement, one short transaction: lock as many due rows as there are worker slots reserved
+-- (rows another coordinator holds are skipped), mark them picked and give the n-th one the n-th
+-- reserved worker. The caller dispatches them after this commits.
 WITH due AS (
-    SELECT id
+    SELECT id, scheduled_at
     FROM tasks
     WHERE status = 'queued' AND scheduled_at <= now()
     ORDER BY scheduled_at
-    LIMIT %(limit)s
+    LIMIT cardinality(%(worker_ids)s::text[])
     FOR UPDATE SKIP LOCKED
+),
+numbered AS (
+    SELECT id, row_number() OVER (ORDER BY scheduled_at, id) AS n FROM due
+),
+assigned AS (
+    SELECT numbered.id, slot.worker_id
+    FROM numbered
+    JOIN unnest(%(worker_ids)s::text[]) WITH ORDINALITY AS slot (worker_id, n) USING (n)
 )
 UPDATE tasks AS t
 SET status = 'picked', picked_at = now(), attempts = t.attempts + 1,
-    worker_id = NULL, exit_code = NULL
-FROM due
-WHERE t.id = due.id
-RETURNING t.id, t.command, t.attempts, t.timeout_seconds, t.scheduled_at;
+    worker_id = assigned.worker_id, exit_code = NULL
+FROM assigned
+WHERE t.id = assigned.id
+RETURNING t.id, t.command, t.attempts, t.timeout_seconds, t.scheduled_at, t.worker_id;
 
 -- seconds_until_next_due --
 -- NULL when nothing is queued; zero or less when something is already due.
@@ -37,74 +51,156 @@ SELECT EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::double precisi
 FROM tasks
 WHERE status = 'queued';
 
+-- reassign --
+-- The worker refused the task outright (full, leaving or unreachable), so it never ran: the same
+-- attempt goes to another worker.
+UPDATE tasks
+SET worker_id = %(new_worker_id)s
+WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+  AND cancel_requested_at IS NULL
+RETURNING id;
+
 -- unclaim --
--- A dispatch that reached no worker: back to the queue as if it had never been claimed, so it
--- costs no attempt. Only while it is still the picked attempt we claimed.
-WITH back AS (
-    UPDATE tasks
-    SET status = 'queued', picked_at = NULL, attempts = attempts - 1
-    WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s
-    RETURNING id
-)
-SELECT count(*) AS n, pg_notify('distrack_task_queued', '') FROM back;
+-- A dispatch no worker took: back to the queue as if never claimed, so it costs no attempt (or
+-- cancelled, if that was asked meanwhile).
+UPDATE tasks
+SET status       = CASE WHEN cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+    cancelled_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    picked_at    = NULL,
+    attempts     = attempts - 1,
+    worker_id    = NULL
+WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+RETURNING id;
 
 -- mark_running --
+-- Refused once a cancel was asked: the worker then stops the run.
 UPDATE tasks
-SET status = 'running', started_at = now(), worker_id = %(worker_id)s
-WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s
+SET status = 'running', started_at = now()
+WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+  AND cancel_requested_at IS NULL
 RETURNING id;
 
 -- mark_completed --
 UPDATE tasks
 SET status = 'completed', completed_at = now(), started_at = coalesce(started_at, now()),
-    worker_id = %(worker_id)s, exit_code = %(exit_code)s, error = NULL
+    exit_code = %(exit_code)s, error = NULL
 WHERE id = %(id)s AND status IN ('picked', 'running') AND attempts = %(attempt)s
+  AND worker_id = %(worker_id)s
 RETURNING id;
 
--- mark_failed --
--- A failure of the last attempt is final; an earlier one is retried after an exponential backoff.
-UPDATE tasks
-SET status       = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
-    failed_at    = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
-    scheduled_at = CASE WHEN attempts < max_attempts
-                        THEN now() + make_interval(secs =>
-                             %(retry_delay_s)s * 2 ^ (attempts - 1) * (0.75 + random() / 2))
-                        ELSE scheduled_at END,
-    picked_at    = CASE WHEN attempts < max_attempts THEN NULL ELSE picked_at END,
-    started_at   = CASE WHEN attempts < max_attempts THEN NULL ELSE coalesce(started_at, now()) END,
-    worker_id = %(worker_id)s, exit_code = %(exit_code)s, error = %(error)s
-WHERE id = %(id)s AND status IN ('picked', 'running') AND attempts = %(attempt)s
-RETURNING id, status;
-
--- release_worker_tasks --
--- A worker was declared lost: its unfinished attempts go back to the queue while attempts remain,
--- else fail with an error that says why.
-UPDATE tasks
-SET status    = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
-    failed_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
-    picked_at = CASE WHEN attempts < max_attempts THEN NULL ELSE picked_at END,
-    started_at = CASE WHEN attempts < max_attempts THEN NULL ELSE started_at END,
-    error     = %(error)s
-WHERE worker_id = %(worker_id)s AND status IN ('picked', 'running')
-RETURNING id, status;
-
--- requeue_unacknowledged --
--- Picked but never reported started within the bound: the dispatch, or the coordinator that made
--- it, was lost. Retried while attempts remain, else failed with an error that says why.
-WITH stale AS (
-    SELECT id
-    FROM tasks
-    WHERE status = 'picked' AND picked_at < now() - make_interval(secs => %(ack_timeout_s)s)
-    FOR UPDATE SKIP LOCKED
+-- end_attempts --
+-- Ends attempts that did not succeed (a failed command, a timeout, a lost worker, a dispatch never
+-- acknowledged), each only while it is still that worker's current attempt. A cancel asked for
+-- makes it 'cancelled'; attempts left make it 'queued' again after an exponential backoff with
+-- jitter, capped; otherwise it is 'failed'. FOR UPDATE re-checks the fence after any lock wait.
+WITH ended AS (
+    SELECT *
+    FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(worker_ids)s::text[], %(exit_codes)s::int[],
+                %(errors)s::text[]) AS e (id, attempt, worker_id, exit_code, error)
+),
+outcome AS (
+    SELECT t.id, e.exit_code, e.error,
+           CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN t.attempts < t.max_attempts THEN 'queued'
+                ELSE 'failed' END AS status,
+           least(%(retry_delay_s)s * 2 ^ least(t.attempts - 1, 30) * (0.75 + random() / 2),
+                 %(max_retry_delay_s)s) AS backoff_s
+    FROM tasks AS t
+    JOIN ended AS e ON e.id = t.id
+    WHERE t.status IN ('picked', 'running') AND t.attempts = e.attempt AND t.worker_id = e.worker_id
+    FOR UPDATE OF t
 )
 UPDATE tasks AS t
-SET status    = CASE WHEN t.attempts < t.max_attempts THEN 'queued' ELSE 'failed' END,
-    failed_at = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE now() END,
-    picked_at = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE t.picked_at END,
-    error     = %(error)s
-FROM stale
-WHERE t.id = stale.id
+SET status       = o.status,
+    scheduled_at = CASE WHEN o.status = 'queued' THEN now() + make_interval(secs => o.backoff_s)
+                        ELSE t.scheduled_at END,
+    picked_at    = CASE WHEN o.status = 'queued' THEN NULL ELSE t.picked_at END,
+    started_at   = CASE WHEN o.status = 'queued' THEN NULL ELSE t.started_at END,
+    failed_at    = CASE WHEN o.status = 'failed' THEN now() END,
+    cancelled_at = CASE WHEN o.status = 'cancelled' THEN now() END,
+    exit_code    = o.exit_code,
+    error        = o.error
+FROM outcome AS o
+WHERE t.id = o.id
 RETURNING t.id, t.status;
+
+-- orphaned_attempts --
+-- Attempts whose worker is gone: no heartbeat within the ttl, or not registered at all.
+SELECT t.id, t.attempts AS attempt, t.worker_id,
+       EXTRACT(EPOCH FROM now() - w.last_seen_at)::double precision AS silent_s
+FROM tasks AS t
+LEFT JOIN workers AS w ON w.worker_id = t.worker_id
+WHERE t.status IN ('picked', 'running') AND t.worker_id IS NOT NULL
+  AND (w.worker_id IS NULL OR w.last_seen_at <= now() - make_interval(secs => %(ttl_s)s));
+
+-- unacknowledged_attempts --
+-- Picked, but never reported started within the bound: the dispatch, or the coordinator that made
+-- it, was lost.
+SELECT id, attempts AS attempt, worker_id
+FROM tasks
+WHERE status = 'picked' AND picked_at <= now() - make_interval(secs => %(ack_timeout_s)s);
+
+-- worker_attempts --
+SELECT id, attempts AS attempt, worker_id
+FROM tasks
+WHERE status IN ('picked', 'running') AND worker_id = %(worker_id)s;
+
+-- upsert_worker --
+-- A heartbeat. `joined` is true when the row is new (xmax is 0 only for a freshly inserted row).
+INSERT INTO workers AS w (worker_id, address, slots, running)
+VALUES (%(worker_id)s, %(address)s, %(slots)s, %(running)s)
+ON CONFLICT (worker_id) DO UPDATE
+SET address = EXCLUDED.address, slots = EXCLUDED.slots, running = EXCLUDED.running, last_seen_at = now()
+RETURNING (xmax = 0) AS joined;
+
+-- runs_to_stop --
+-- Of the tasks a worker says it runs, those it no longer owns (rescued, reassigned, finished
+-- elsewhere) or whose cancel was asked.
+SELECT r.id
+FROM unnest(%(task_ids)s::uuid[]) AS r (id)
+WHERE NOT EXISTS (
+    SELECT 1 FROM tasks AS t
+    WHERE t.id = r.id AND t.worker_id = %(worker_id)s AND t.status IN ('picked', 'running')
+      AND t.cancel_requested_at IS NULL
+);
+
+-- live_workers --
+-- Every coordinator's view of the workers: those heard from within the ttl, in the order they
+-- joined (the round-robin order), with the tasks each one holds right now.
+SELECT w.worker_id, w.address, w.slots, w.running,
+       coalesce(array_agg(t.id) FILTER (WHERE t.id IS NOT NULL), '{}') AS active_task_ids
+FROM workers AS w
+LEFT JOIN tasks AS t ON t.worker_id = w.worker_id AND t.status IN ('picked', 'running')
+WHERE w.last_seen_at > now() - make_interval(secs => %(ttl_s)s)
+GROUP BY w.worker_id
+ORDER BY w.joined_at, w.worker_id;
+
+-- delete_stale_workers --
+DELETE FROM workers
+WHERE last_seen_at <= now() - make_interval(secs => %(ttl_s)s)
+RETURNING worker_id, address, EXTRACT(EPOCH FROM now() - last_seen_at)::double precision AS silent_s;
+
+-- delete_worker --
+DELETE FROM workers WHERE worker_id = %(worker_id)s RETURNING worker_id;
+
+-- cancel_task --
+-- Queued: cancelled at once. Picked or running: the request is recorded and the running attempt is
+-- stopped by its worker, then ends 'cancelled'. Finished tasks are not changed (no row returned).
+UPDATE tasks
+SET status              = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+    cancelled_at        = CASE WHEN status = 'queued' THEN now() ELSE cancelled_at END,
+    cancel_requested_at = coalesce(cancel_requested_at, now())
+WHERE id = %(id)s AND status IN ('queued', 'picked', 'running')
+RETURNING id, status, worker_id;
+
+-- cancels_pending --
+-- Picked or running tasks whose cancel was asked: their workers still have to stop them.
+SELECT id, worker_id
+FROM tasks
+WHERE status IN ('picked', 'running') AND cancel_requested_at IS NOT NULL;
+
+-- notify_cancel --
+SELECT pg_notify('distrack_cancel', %(id)s::text);
 
 -- notify_queued --
 SELECT pg_notify('distrack_task_queued', '');

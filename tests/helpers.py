@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,10 @@ class Cluster:
         self.workdir = workdir
         self.output_dir = workdir / "worker_output"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "WORKER_ADDRESS"))}
-        self.env.update(DATABASE_URL=db_url, PYTHONUNBUFFERED="1", DISTRACK_LOG_LEVEL="INFO")
+        # Task commands inherit the marker, so the ones a killed worker orphaned can be found.
+        self.marker = f"DISTRACK_TEST_CLUSTER={uuid.uuid4().hex}"
+        self.env.update(DATABASE_URL=db_url, PYTHONUNBUFFERED="1", DISTRACK_LOG_LEVEL="INFO",
+                        DISTRACK_TEST_CLUSTER=self.marker.split("=", 1)[1])
         self.services: list[Service] = []
         self.coordinator_port = free_port()
         self.scheduler_port = free_port()
@@ -183,9 +187,26 @@ class Cluster:
     def stop_all(self) -> None:
         for service in reversed(self.services):
             service.stop()
+        kill_marked_processes(self.marker)
 
     def logs(self) -> str:
         return "\n".join(f"===== {s.name} (pid {s.pid})\n{s.log()}" for s in self.services)
+
+
+def kill_marked_processes(marker: str) -> None:
+    """SIGKILLs this test's stray processes (tasks orphaned by a killed worker), found by the marker
+    in their environment."""
+    needle = marker.encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ + b"\0":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 class Api:

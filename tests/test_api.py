@@ -8,7 +8,7 @@ import falcon.testing
 import pytest
 
 from distrack.db.pool import make_pool
-from distrack.db.store import TaskStore
+from distrack.db.store import Attempt, TaskStore
 from distrack.scheduler.app import create_app
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -44,9 +44,10 @@ def test_status_shows_lifecycle_fields_once_they_happen(client, store):
     assert doc["task_id"] == tid and doc["status"] == "queued" and doc["attempts"] == 0
     assert {"exit_code", "worker_id", "error"} <= set(doc)
     assert not {"picked_at", "started_at", "completed_at", "failed_at"} & set(doc)
-    (task,) = store.claim_due(1)
-    store.mark_running(task.id, task.attempt, "w1")
-    store.mark_completed(task.id, task.attempt, "w1", 0)
+    (task,) = store.claim_due(["w1"])
+    attempt = Attempt(task.id, task.attempt, "w1")
+    store.mark_running(attempt)
+    store.mark_completed(attempt, 0)
     doc = client.simulate_get("/status", params={"task_id": tid}).json
     assert doc["status"] == "completed" and doc["exit_code"] == 0 and doc["worker_id"] == "w1"
     for name in ("scheduled_at", "picked_at", "started_at", "completed_at"):
@@ -111,7 +112,7 @@ def test_database_unreachable_is_503_and_nothing_claims_success():
         resp = client.simulate_post("/schedule", json={"command": "echo"})
         assert resp.status_code == 503
         assert resp.headers["retry-after"] == "2"
-        assert "nothing was stored" in resp.json["description"]
+        assert "did not complete" in resp.json["description"]
         assert client.simulate_get("/health").status_code == 503
         # Bad input is still a 400, not a 503: validation comes before the database.
         assert client.simulate_post("/schedule", body="{").status_code == 400
@@ -122,3 +123,37 @@ def test_database_unreachable_is_503_and_nothing_claims_success():
 def test_health(client):
     resp = client.simulate_get("/health")
     assert resp.status_code == 200 and resp.json == {"status": "ok"}
+
+
+def test_cancel_a_queued_task(client):
+    tid = client.simulate_post("/schedule", json={"command": "echo", "delay_seconds": 60}).json["task_id"]
+    resp = client.simulate_post(f"/tasks/{tid}/cancel")
+    assert resp.status_code == 200
+    assert resp.json["status"] == "cancelled" and "cancelled_at" in resp.json
+    again = client.simulate_post(f"/tasks/{tid}/cancel")  # idempotent
+    assert again.status_code == 200 and again.json["cancelled_at"] == resp.json["cancelled_at"]
+
+
+def test_cancel_a_running_task_is_accepted_while_its_worker_stops_it(client, store):
+    tid = client.simulate_post("/schedule", json={"command": "sleep 100"}).json["task_id"]
+    (task,) = store.claim_due(["w1"])
+    store.mark_running(Attempt(task.id, task.attempt, "w1"))
+    resp = client.simulate_post(f"/tasks/{tid}/cancel")
+    assert resp.status_code == 202
+    assert resp.json["status"] == "running" and "cancel_requested_at" in resp.json
+    assert client.simulate_post(f"/tasks/{tid}/cancel").status_code == 202
+
+
+def test_cancel_a_finished_task_is_409(client, store):
+    tid = client.simulate_post("/schedule", json={"command": "true"}).json["task_id"]
+    (task,) = store.claim_due(["w1"])
+    store.mark_completed(Attempt(task.id, task.attempt, "w1"), 0)
+    resp = client.simulate_post(f"/tasks/{tid}/cancel")
+    assert resp.status_code == 409
+    assert "is completed" in resp.json["description"]
+
+
+def test_cancel_unknown_or_malformed_ids(client):
+    assert client.simulate_post(f"/tasks/{uuid.uuid4()}/cancel").status_code == 404
+    assert client.simulate_post("/tasks/nope/cancel").status_code == 400
+    assert client.simulate_get(f"/tasks/{uuid.uuid4()}/cancel").status_code == 405

@@ -29,7 +29,7 @@ def schema_snapshot(url: str) -> list[tuple]:
 
 def test_migrate_applies_once_and_records(empty_db_url):
     names = [name for name, _ in migration_files()]
-    assert names and names[0] == "0001_tasks"
+    assert names[:2] == ["0001_tasks", "0002_workers_and_cancel"]
     assert migrate(empty_db_url) == names
     snapshot = schema_snapshot(empty_db_url)
     assert migrate(empty_db_url) == []
@@ -80,7 +80,7 @@ def test_migrations_are_numbered_files_only():
 
 def test_queries_file_parses_into_named_statements():
     q = queries()
-    assert {"insert_task", "claim_due", "get_task", "mark_running", "mark_failed"} <= set(q)
+    assert {"insert_task", "claim_due", "get_task", "mark_running", "end_attempts", "cancel_task"} <= set(q)
     assert "FOR UPDATE SKIP LOCKED" in q["claim_due"]
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- a --\nSELECT 1;\n-- a --\nSELECT 2;\n")
@@ -97,7 +97,7 @@ def test_claim_reads_only_the_partial_index_whatever_the_history(sql_conn):
         "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 5)"
     )
     sql_conn.execute("ANALYZE tasks")
-    claim = queries()["claim_due"].replace("%(limit)s", "10")
+    claim = queries()["claim_due"].replace("%(worker_ids)s", "ARRAY['w1', 'w2', 'w3']")
     with sql_conn.transaction(force_rollback=True):
         rows = sql_conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {claim}").fetchall()
     plan = "\n".join(r["QUERY PLAN"] for r in rows)

@@ -1,18 +1,19 @@
-"""TaskStore against a real PostgreSQL: claims, reports, retries and rescue."""
+"""TaskStore against a real PostgreSQL: claims, fenced reports, retries, rescue, workers, cancel."""
 
 import threading
 import uuid
 
-import psycopg
 import pytest
 
 from distrack.db.pool import make_pool
-from distrack.db.store import TaskStore
-from distrack.errors import DatabaseUnavailable
+from distrack.db.store import Attempt, EndedAttempt, TaskStore
+from distrack.errors import DatabaseUnavailable, DataRejected
 
 
-def status_of(store: TaskStore, task_id) -> dict:
-    return store.get_task(task_id)
+def claim_one(store: TaskStore, worker_id: str = "w1") -> Attempt:
+    (task,) = store.claim_due([worker_id])
+    assert task.worker_id == worker_id
+    return Attempt(task.id, task.attempt, task.worker_id)
 
 
 def test_insert_and_get(store):
@@ -24,33 +25,32 @@ def test_insert_and_get(store):
     assert store.get_task(uuid.uuid4()) is None
 
 
-def test_claim_takes_due_tasks_in_order_up_to_the_limit(store):
+def test_claim_takes_due_tasks_in_order_one_per_reserved_worker(store):
     ids = [store.insert_task(f"echo {i}", 0)["id"] for i in range(5)]
     later = store.insert_task("echo later", 3600)["id"]
-    claimed = store.claim_due(3)
+    claimed = store.claim_due(["a", "b", "a"])
     assert [t.id for t in claimed] == ids[:3]
+    assert [t.worker_id for t in claimed] == ["a", "b", "a"]
     assert all(t.attempt == 1 for t in claimed)
-    assert [t.id for t in store.claim_due(10)] == ids[3:]
-    assert store.claim_due(10) == []
+    assert [t.id for t in store.claim_due(["c"] * 10)] == ids[3:]
+    assert store.claim_due(["c"]) == []
+    assert store.claim_due([]) == []
     assert store.get_task(later)["status"] == "queued"
     row = store.get_task(ids[0])
-    assert row["status"] == "picked" and row["picked_at"] >= row["scheduled_at"]
+    assert row["status"] == "picked" and row["worker_id"] == "a" and row["picked_at"] >= row["scheduled_at"]
     assert 3590 < store.seconds_until_next_due() <= 3600
 
 
-def test_concurrent_claims_never_share_a_task(db_url):
+def test_concurrent_claims_never_share_a_task(db_url, sql_conn):
     pool = make_pool(db_url, max_size=8)
     pool.wait(10)
     store = TaskStore(pool)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO tasks (id, command, scheduled_at) "
-            "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 2000)"
-        )
+    sql_conn.execute("INSERT INTO tasks (id, command, scheduled_at) "
+                     "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 2000)")
     claimed: list[list] = [[] for _ in range(6)]
 
     def claimer(i: int) -> None:
-        while batch := store.claim_due(7):
+        while batch := store.claim_due([f"w{i}"] * 7):
             claimed[i].extend(t.id for t in batch)
 
     threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
@@ -64,14 +64,16 @@ def test_concurrent_claims_never_share_a_task(db_url):
     assert len(set(every)) == 2000
 
 
-def test_lifecycle_reports_and_stale_reports_are_refused(store):
+def test_reports_are_fenced_by_attempt_and_worker(store):
     tid = store.insert_task("echo", 0)["id"]
-    (task,) = store.claim_due(1)
-    assert store.mark_running(tid, task.attempt + 1, "w1") is False  # wrong attempt
-    assert store.mark_running(tid, task.attempt, "w1") is True
-    assert store.mark_running(tid, task.attempt, "w1") is False  # not picked any more
-    assert store.mark_completed(tid, task.attempt, "w1", 0) is True
-    assert store.mark_failed(tid, task.attempt, "w1", 1, "late", 1.0) is None  # already final
+    a = claim_one(store, "w1")
+    assert store.mark_running(Attempt(tid, a.attempt + 1, "w1")) is False  # wrong attempt
+    assert store.mark_running(Attempt(tid, a.attempt, "w2")) is False  # wrong worker
+    assert store.mark_running(a) is True
+    assert store.mark_running(a) is False  # not picked any more
+    assert store.mark_completed(Attempt(tid, a.attempt, "w2"), 0) is False
+    assert store.mark_completed(a, 0) is True
+    assert store.end_attempts([EndedAttempt(a, "late")], 1.0) == {}  # already final
     row = store.get_task(tid)
     assert (row["status"], row["exit_code"], row["worker_id"], row["error"]) == ("completed", 0, "w1", None)
     assert row["scheduled_at"] <= row["picked_at"] <= row["started_at"] <= row["completed_at"]
@@ -80,58 +82,142 @@ def test_lifecycle_reports_and_stale_reports_are_refused(store):
 
 def test_failure_of_the_last_attempt_is_final(store):
     tid = store.insert_task("exit 3", 0)["id"]
-    (task,) = store.claim_due(1)
-    store.mark_running(tid, task.attempt, "w1")
-    assert store.mark_failed(tid, task.attempt, "w1", 3, None, 1.0) == "failed"
+    a = claim_one(store)
+    store.mark_running(a)
+    assert store.end_attempts([EndedAttempt(a, "exited with code 3", 3)], 1.0) == {tid: "failed"}
     row = store.get_task(tid)
     assert (row["status"], row["exit_code"], row["attempts"]) == ("failed", 3, 1)
     assert row["failed_at"] >= row["started_at"] and row["completed_at"] is None
 
 
-def test_failure_with_attempts_left_requeues_later(store):
-    tid = store.insert_task("exit 1", 0, max_attempts=2)["id"]
-    (task,) = store.claim_due(1)
-    store.mark_running(tid, task.attempt, "w1")
-    assert store.mark_failed(tid, task.attempt, "w1", 1, "boom", 30.0) == "queued"
+def test_failure_with_attempts_left_is_retried_after_a_backoff(store):
+    tid = store.insert_task("exit 1", 0, max_attempts=3)["id"]
+    a = claim_one(store)
+    store.mark_running(a)
+    assert store.end_attempts([EndedAttempt(a, "boom", 1)], 30.0) == {tid: "queued"}
     row = store.get_task(tid)
-    assert (row["status"], row["attempts"], row["error"], row["failed_at"]) == ("queued", 1, "boom", None)
-    assert store.claim_due(1) == []  # backed off
-    assert 20 < store.seconds_until_next_due() <= 45  # 30 s with jitter (0.75 to 1.25)
+    assert (row["status"], row["attempts"], row["error"], row["failed_at"], row["started_at"]) == (
+        "queued", 1, "boom", None, None)
+    assert store.claim_due(["w1"]) == []  # backed off
+    assert 20 < store.seconds_until_next_due() <= 38  # 30 s with jitter (x0.75 to x1.25)
+
+
+def test_the_retry_delay_doubles_and_is_capped(db_url, sql_conn):
+    pool = make_pool(db_url, max_size=2)
+    store = TaskStore(pool, max_retry_delay_s=100.0)
+    try:
+        tid = store.insert_task("exit 1", 0, max_attempts=100)["id"]
+        # The 60th attempt: 1 s * 2^59 would overflow any timestamp; the cap holds it to 100 s.
+        sql_conn.execute("UPDATE tasks SET attempts = 59 WHERE id = %s", (tid,))
+        a = claim_one(store)
+        assert a.attempt == 60
+        assert store.end_attempts([EndedAttempt(a, "boom", 1)], 1.0) == {tid: "queued"}
+        assert 99 < store.seconds_until_next_due() <= 100
+    finally:
+        pool.close()
 
 
 def test_unclaim_returns_the_task_without_costing_an_attempt(store):
     tid = store.insert_task("echo", 0)["id"]
-    (task,) = store.claim_due(1)
-    assert store.unclaim(tid, task.attempt) is True
-    assert store.unclaim(tid, task.attempt) is False
+    a = claim_one(store)
+    assert store.unclaim(Attempt(tid, a.attempt, "someone-else")) is False
+    assert store.unclaim(a) is True
+    assert store.unclaim(a) is False
     row = store.get_task(tid)
-    assert (row["status"], row["attempts"], row["picked_at"]) == ("queued", 0, None)
+    assert (row["status"], row["attempts"], row["picked_at"], row["worker_id"]) == ("queued", 0, None, None)
 
 
-def test_lost_worker_tasks_are_requeued_or_failed(store):
+def test_reassign_moves_a_refused_attempt_to_another_worker(store):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim_one(store, "w1")
+    assert store.reassign(a, "w2") is True
+    assert store.reassign(a, "w3") is False  # w1 no longer owns it
+    assert store.mark_running(a) is False
+    assert store.mark_running(Attempt(tid, a.attempt, "w2")) is True
+
+
+def test_orphaned_attempts_of_silent_or_unknown_workers_are_found_and_ended(store, sql_conn):
     retry = store.insert_task("sleep 100", 0, max_attempts=2)["id"]
     last = store.insert_task("sleep 100", 0)["id"]
-    other = store.insert_task("sleep 100", 0)["id"]
-    tasks = {t.id: t for t in store.claim_due(3)}
-    store.mark_running(retry, tasks[retry].attempt, "dead")
-    store.mark_running(last, tasks[last].attempt, "dead")
-    store.mark_running(other, tasks[other].attempt, "alive")
-    rows = store.release_worker_tasks("dead", 9.5)
-    assert {r["id"]: r["status"] for r in rows} == {retry: "queued", last: "failed"}
-    failed = store.get_task(last)
-    assert "worker dead was lost" in failed["error"] and failed["failed_at"] is not None
-    assert store.get_task(other)["status"] == "running"
+    alive = store.insert_task("sleep 100", 0)["id"]
+    store.record_heartbeat("dead", "dead:1", 5, [])
+    store.record_heartbeat("alive", "alive:1", 5, [])
+    tasks = {t.id: t for t in store.claim_due(["dead", "dead", "alive"])}
+    assert {t.worker_id for t in tasks.values()} == {"dead", "alive"}
+    sql_conn.execute("UPDATE workers SET last_seen_at = now() - interval '20 seconds' WHERE worker_id = 'dead'")
+    orphans = store.orphaned_attempts(9.0)
+    assert {a.task_id for a, _ in orphans} == {retry, last}
+    assert all(19 < silent <= 25 for _, silent in orphans)
+    ended = store.end_attempts([EndedAttempt(a, "lost") for a, _ in orphans], 1.0)
+    assert ended == {retry: "queued", last: "failed"}
+    assert store.get_task(alive)["status"] == "picked"
+    assert store.end_attempts([EndedAttempt(a, "again") for a, _ in orphans], 1.0) == {}  # fenced
+    assert [r["worker_id"] for r in store.delete_stale_workers(9.0)] == ["dead"]
 
 
-def test_unacknowledged_dispatches_go_back(store, sql_conn):
-    retry = store.insert_task("echo", 0, max_attempts=2)["id"]
-    last = store.insert_task("echo", 0)["id"]
-    store.claim_due(2)
-    assert store.requeue_unacknowledged(60) == []
+def test_unacknowledged_dispatches_are_found(store, sql_conn):
+    store.insert_task("echo", 0)
+    a = claim_one(store)
+    assert store.unacknowledged_attempts(60) == []
     sql_conn.execute("UPDATE tasks SET picked_at = now() - interval '2 minutes'")
-    rows = store.requeue_unacknowledged(60)
-    assert {r["id"]: r["status"] for r in rows} == {retry: "queued", last: "failed"}
-    assert "not acknowledged" in store.get_task(last)["error"]
+    assert store.unacknowledged_attempts(60) == [a]
+
+
+def test_live_workers_with_the_tasks_each_holds(store):
+    assert store.record_heartbeat("w1", "h1:1", 3, []) is True
+    assert store.record_heartbeat("w1", "h1:2", 4, ["x"]) is False
+    store.record_heartbeat("w2", "h2:1", 2, [])
+    store.insert_task("echo", 0)
+    a = claim_one(store, "w2")
+    workers = {w.worker_id: w for w in store.live_workers(9.0)}
+    assert (workers["w1"].address, workers["w1"].slots, workers["w1"].running) == ("h1:2", 4, 1)
+    assert workers["w2"].active_task_ids == {str(a.task_id)}
+    assert store.delete_worker("w1") and not store.delete_worker("w1")
+    assert [w.worker_id for w in store.live_workers(9.0)] == ["w2"]
+
+
+def test_runs_to_stop_are_those_a_worker_no_longer_owns(store):
+    mine = store.insert_task("echo", 0)["id"]
+    a = claim_one(store, "w1")
+    gone = uuid.uuid4()
+    assert store.runs_to_stop("w1", [str(mine), str(gone)]) == [str(gone)]
+    assert store.runs_to_stop("w2", [str(mine)]) == [str(mine)]
+    store.cancel_task(mine)
+    assert store.runs_to_stop("w1", [str(a.task_id)]) == [str(mine)]
+
+
+def test_cancel_a_queued_task_at_once_and_a_running_one_through_its_worker(store):
+    queued = store.insert_task("echo", 3600)["id"]
+    assert store.cancel_task(queued) == "cancelled"
+    row = store.get_task(queued)
+    assert row["status"] == "cancelled" and row["cancelled_at"] is not None
+    assert store.cancel_task(queued) is None  # already cancelled: nothing changes
+
+    running = store.insert_task("sleep 100", 0, max_attempts=5)["id"]
+    a = claim_one(store)
+    store.mark_running(a)
+    assert store.cancel_task(running) == "running"
+    assert store.cancels_pending() == [(running, "w1")]
+    # The worker stops it and reports the attempt ended: cancelled, not retried.
+    assert store.end_attempts([EndedAttempt(a, "cancelled", 143)], 1.0) == {running: "cancelled"}
+    assert store.cancels_pending() == []
+
+
+def test_a_picked_task_cancelled_before_it_starts(store):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim_one(store)
+    assert store.cancel_task(tid) == "picked"
+    assert store.mark_running(a) is False  # the worker is told to stop it
+    assert store.unclaim(a) is True  # or the dispatch never happened
+    assert store.get_task(tid)["status"] == "cancelled"
+
+
+def test_finished_tasks_cannot_be_cancelled(store):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim_one(store)
+    store.mark_completed(a, 0)
+    assert store.cancel_task(tid) is None
+    assert store.get_task(tid)["status"] == "completed"
 
 
 def test_unreachable_database_raises_database_unavailable():
@@ -142,3 +228,28 @@ def test_unreachable_database_raises_database_unavailable():
             TaskStore(pool).insert_task("echo", 0)
     finally:
         pool.close()
+
+
+def test_data_the_database_cannot_hold_is_rejected_not_an_outage(server_url, tmp_path):
+    # A LATIN1 database cannot store a snowman: DataRejected (a 400), not a 500 or a 503.
+    import psycopg
+    from helpers import with_database
+
+    from distrack.db.migrate import migrate
+
+    name = f"distrack_latin1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    url = with_database(server_url, name)
+    try:
+        migrate(url)
+        pool = make_pool(url, max_size=1)
+        try:
+            with pytest.raises(DataRejected):
+                TaskStore(pool).insert_task("echo \u2603", 0)
+            assert TaskStore(pool).insert_task("echo caf\u00e9", 0)["command"] == "echo caf\u00e9"
+        finally:
+            pool.close()
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,24 +1,34 @@
 """Dispatcher: the coordinator's loop that claims due tasks and hands them to workers.
 
-Concurrency: one dispatcher thread runs the loop; SubmitTask calls run on a small thread pool so one
-slow worker never holds up the others. The loop wakes on any of: a NOTIFY (new task), a freed slot
-or a new worker (set by the gRPC handlers), the next due `scheduled_at`, or the poll interval. It
-claims at most as many tasks as there are free slots, in one short transaction, and dispatches after
-that transaction has committed.
+Concurrency: one dispatcher thread runs the loop; SubmitTask and CancelTask calls run on a small
+thread pool so one slow worker never holds up the others. The loop wakes on any of: a NOTIFY (new
+task, or a cancel), a freed slot or a new worker (set by the gRPC handlers), the next due
+`scheduled_at`, or the poll interval.
+
+Each step:
+1. refreshes the worker registry from the database (shared by every coordinator);
+2. rescues attempts whose worker went silent and dispatches never acknowledged, but only once the
+   database has been reachable for a whole worker ttl (after an outage or a restart of this
+   coordinator, heartbeats need that long to be on record again);
+3. asks workers to stop cancelled tasks;
+4. reserves free slots round-robin, claims that many due tasks in one short transaction that names
+   each task's worker, and dispatches them after it has committed.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
 from distrack.config import CoordinatorConfig
-from distrack.coordinator.registry import LostWorker, WorkerInfo, WorkerRegistry
-from distrack.db.store import ClaimedTask, TaskStore
+from distrack.coordinator.registry import WorkerInfo, WorkerRegistry
+from distrack.db.store import Attempt, ClaimedTask, EndedAttempt, TaskStore
 from distrack.errors import DatabaseUnavailable
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 
@@ -28,37 +38,46 @@ log = logging.getLogger(__name__)
 LOCKED_ROWS_RETRY_S = 0.01
 # Backoff while the database is unreachable.
 DB_RETRY_MAX_S = 2.0
-# gRPC codes that prove the worker did not take the task: safe to give it to another.
-REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+# gRPC codes that prove the worker did not take the task (full, leaving, unreachable, or running an
+# older attempt of it): safe to give the same attempt to another worker.
+REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS}
 DISPATCH_THREADS = 16
+CANCEL_TIMEOUT_S = 5.0
+
+WORKER_LOST_ERROR = "worker {worker_id} was lost (no heartbeat for {silent})"
+UNACKNOWLEDGED_ERROR = "dispatched to worker {worker_id} but not acknowledged within {ack_timeout_s:g} s"
 
 
 class WorkerClients:
-    """One gRPC channel per worker address, reused for every dispatch."""
+    """One gRPC channel per worker, reused for every call, keyed by worker id (a new worker at an
+    old address gets a channel of its own)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, distrack_pb2_grpc.WorkerStub]] = {}
+        self._stubs: dict[str, tuple[str, grpc.Channel, distrack_pb2_grpc.WorkerStub]] = {}
 
-    def stub(self, address: str) -> distrack_pb2_grpc.WorkerStub:
+    def stub(self, worker: WorkerInfo) -> distrack_pb2_grpc.WorkerStub:
         with self._lock:
-            entry = self._stubs.get(address)
-            if entry is None:
-                channel = grpc.insecure_channel(address)
-                entry = (channel, distrack_pb2_grpc.WorkerStub(channel))
-                self._stubs[address] = entry
-            return entry[1]
+            entry = self._stubs.get(worker.worker_id)
+            if entry is not None and entry[0] == worker.address:
+                return entry[2]
+            if entry is not None:
+                entry[1].close()
+            channel = grpc.insecure_channel(worker.address)
+            stub = distrack_pb2_grpc.WorkerStub(channel)
+            self._stubs[worker.worker_id] = (worker.address, channel, stub)
+            return stub
 
-    def forget(self, address: str) -> None:
+    def forget(self, worker_id: str) -> None:
         with self._lock:
-            entry = self._stubs.pop(address, None)
+            entry = self._stubs.pop(worker_id, None)
         if entry is not None:
-            entry[0].close()
+            entry[1].close()
 
     def close(self) -> None:
         with self._lock:
             entries, self._stubs = list(self._stubs.values()), {}
-        for channel, _ in entries:
+        for _, channel, _ in entries:
             channel.close()
 
 
@@ -79,9 +98,12 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(DISPATCH_THREADS, thread_name_prefix="dispatch")
         self._thread: threading.Thread | None = None
-        # Lost workers whose tasks could not be released yet (database down): retried every step.
-        self._unreleased: list[LostWorker] = []
-        self._next_ack_check = 0.0
+        # Rescue waits until the database has been reachable this long (see the module docstring).
+        self._db_ok_since = time.monotonic()
+        self._next_refresh = 0.0
+        self._next_sweep = 0.0
+        # Task ids whose cancel was announced by NOTIFY, or None meaning "look them all up".
+        self._cancels: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     # --- lifecycle
 
@@ -90,13 +112,19 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops claiming, then waits for dispatches already under way to end."""
+        """Stops claiming; dispatches not yet sent go back to the queue; calls under way finish."""
         self._stop.set()
         self.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True)
         self.clients.close()
+
+    def on_notify(self, channel: str, payload: str | None) -> None:
+        """The Listener's callback: new tasks wake the loop; cancels are queued for it."""
+        if channel == "distrack_cancel":
+            self._cancels.put(payload)
+        self.wakeup.set()
 
     def run(self) -> None:
         db_delay = 0.1
@@ -106,6 +134,7 @@ class Dispatcher:
                 db_delay = 0.1
             except DatabaseUnavailable as exc:
                 log.warning("%s; retrying in %.1f s", exc, db_delay)
+                self._db_ok_since = time.monotonic()
                 wait_s, db_delay = db_delay, min(db_delay * 2, DB_RETRY_MAX_S)
             except Exception:
                 log.exception("dispatcher step failed")
@@ -116,16 +145,22 @@ class Dispatcher:
     # --- one step
 
     def run_once(self) -> float:
-        """Expires silent workers, claims and dispatches what is due; returns how long to wait next."""
+        """One step of the loop (see the module docstring); returns how long to wait before the next."""
         self.wakeup.clear()
-        self._rescue_lost_work()
-        free = self.registry.free_slots()
-        if free <= 0:
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._refresh_workers()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.config.poll_interval_s
+            if now - self._db_ok_since >= self.config.worker_ttl_s:
+                self._rescue()
+            self._cancels.put(None)
+        self._send_cancels()
+        reservations = self.registry.reserve(self.registry.free_slots())
+        if not reservations:
             return self.config.poll_interval_s
-        claimed = self.store.claim_due(free)
-        for task in claimed:
-            self._dispatch(task)
-        if len(claimed) == free and self.registry.free_slots() > 0:
+        claimed = self._claim(reservations)
+        if len(claimed) == len(reservations) and self.registry.free_slots() > 0:
             return 0.0
         next_due_s = self.store.seconds_until_next_due()
         if next_due_s is None:
@@ -135,61 +170,145 @@ class Dispatcher:
             return LOCKED_ROWS_RETRY_S if not claimed else 0.0
         return min(next_due_s, self.config.poll_interval_s)
 
-    def _rescue_lost_work(self) -> None:
-        for lost in self.registry.expire():
-            log.warning("worker %s at %s lost after %.1f s of silence", lost.worker_id, lost.address, lost.silent_s)
-            self.clients.forget(lost.address)
-            self._unreleased.append(lost)
-        while self._unreleased:
-            lost = self._unreleased[0]
-            released = self.store.release_worker_tasks(lost.worker_id, lost.silent_s)
-            self._unreleased.pop(0)
-            if released:
-                log.warning("re-queued or failed %d task(s) of lost worker %s", len(released), lost.worker_id)
-        now = time.monotonic()
-        if now >= self._next_ack_check:
-            self._next_ack_check = now + self.config.poll_interval_s
-            for row in self.store.requeue_unacknowledged(self.config.ack_timeout_s):
-                log.warning("task %s was never acknowledged; now %s", row["id"], row["status"])
+    def _refresh_workers(self) -> None:
+        snapshot_at = time.monotonic()
+        live = self.store.live_workers(self.config.worker_ttl_s)
+        for gone in self.registry.sync(live, snapshot_at):
+            self.clients.forget(gone.worker_id)
+        self._next_refresh = snapshot_at + self.config.registry_refresh_s
 
-    def _dispatch(self, task: ClaimedTask) -> None:
-        worker = self.registry.reserve(str(task.id))
-        if worker is None:
-            self._return_to_queue(task)
+    def _rescue(self) -> None:
+        ended = [
+            EndedAttempt(attempt, WORKER_LOST_ERROR.format(
+                worker_id=attempt.worker_id,
+                silent="ever" if silent_s is None else f"{silent_s:.1f} s"))
+            for attempt, silent_s in self.store.orphaned_attempts(self.config.worker_ttl_s)
+        ]
+        ended += [
+            EndedAttempt(attempt, UNACKNOWLEDGED_ERROR.format(worker_id=attempt.worker_id,
+                                                              ack_timeout_s=self.config.ack_timeout_s))
+            for attempt in self.store.unacknowledged_attempts(self.config.ack_timeout_s)
+        ]
+        by_task = {e.attempt.task_id: e for e in ended}
+        for task_id, status in self.store.end_attempts(ended, self.config.retry_delay_s).items():
+            log.warning("rescued task %s: %s; now %s", task_id, by_task[task_id].error, status)
+            self.registry.release(by_task[task_id].attempt.worker_id, str(task_id))
+        for row in self.store.delete_stale_workers(self.config.worker_ttl_s):
+            log.warning("worker %s at %s removed after %.1f s of silence", row["worker_id"], row["address"],
+                        row["silent_s"])
+            self.registry.remove(row["worker_id"])
+            self.clients.forget(row["worker_id"])
+
+    def _send_cancels(self) -> None:
+        wanted: set[str] = set()
+        look_up = False
+        while True:
+            try:
+                item = self._cancels.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                look_up = True
+            else:
+                wanted.add(item)
+        if not wanted and not look_up:
             return
-        self._pool.submit(self._submit, task, worker, frozenset())
+        for task_id, worker_id in self.store.cancels_pending():
+            if (look_up or str(task_id) in wanted) and worker_id:
+                worker = self.registry.get(worker_id)
+                if worker is not None:
+                    self._submit_call(self._cancel_on_worker, task_id, worker)
 
-    def _submit(self, task: ClaimedTask, worker: WorkerInfo, tried: frozenset[str]) -> None:
+    def _cancel_on_worker(self, task_id: uuid.UUID, worker: WorkerInfo) -> None:
+        try:
+            self.clients.stub(worker).CancelTask(distrack_pb2.CancelTaskRequest(task_id=str(task_id)),
+                                                 timeout=CANCEL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            # The next sweep (or the worker's heartbeat, which lists runs to stop) tries again.
+            log.warning("cancel of %s on %s: %s", task_id, worker.worker_id, exc.code().name)
+
+    # --- claim and dispatch
+
+    def _claim(self, reservations: list[WorkerInfo]) -> list[ClaimedTask]:
+        try:
+            claimed = self.store.claim_due([w.worker_id for w in reservations])
+        except BaseException:
+            for worker in reservations:
+                self.registry.unreserve(worker.worker_id)
+            raise
+        by_id = {w.worker_id: w for w in reservations}
+        unused: dict[str, int] = {}
+        for worker in reservations:
+            unused[worker.worker_id] = unused.get(worker.worker_id, 0) + 1
+        for task in claimed:
+            unused[task.worker_id] -= 1
+            self.registry.confirm(task.worker_id, str(task.id))
+            self._submit_call(self._dispatch, task, by_id[task.worker_id], frozenset())
+        for worker_id, count in unused.items():
+            if count:
+                self.registry.unreserve(worker_id, count)
+        return claimed
+
+    def _submit_call(self, fn, *args) -> None:  # noqa: ANN001 - a bound method and its arguments
+        future: Future = self._pool.submit(fn, *args)
+        future.add_done_callback(_log_failure)
+
+    def _dispatch(self, task: ClaimedTask, worker: WorkerInfo, tried: frozenset[str]) -> None:
+        attempt = Attempt(task.id, task.attempt, worker.worker_id)
+        if self._stop.is_set():
+            self._return_to_queue(attempt)
+            return
         request = distrack_pb2.TaskRequest(
-            task_id=str(task.id),
-            command=task.command,
-            attempt=task.attempt,
+            task_id=str(task.id), command=task.command, attempt=task.attempt,
             timeout_seconds=task.timeout_seconds or 0.0,
         )
         try:
-            self.clients.stub(worker.address).SubmitTask(request, timeout=self.config.dispatch_timeout_s)
+            self.clients.stub(worker).SubmitTask(request, timeout=self.config.dispatch_timeout_s)
             return
         except grpc.RpcError as exc:
             code = exc.code()
-            self.registry.release(worker.worker_id, str(task.id))
             if code not in REFUSED_CODES:
-                # The worker may have taken it (a timeout, say): leave it picked. If no INPROGRESS
-                # report follows, the worker's loss or the acknowledgement deadline re-queues it.
-                log.warning("dispatch of %s to %s ended with %s: %s", task.id, worker.worker_id, code, exc.details())
+                # The worker may have taken it (a timeout, say): it keeps the slot and the task stays
+                # picked. An INPROGRESS report follows, or the acknowledgement deadline rescues it.
+                log.warning("dispatch of %s to %s ended with %s: %s", task.id, worker.worker_id, code.name,
+                            exc.details())
                 return
             log.info("worker %s refused %s (%s); trying another", worker.worker_id, task.id, code.name)
-        except Exception:
-            self.registry.release(worker.worker_id, str(task.id))
-            log.exception("dispatch of %s to %s failed", task.id, worker.worker_id)
+        self.registry.release(worker.worker_id, str(task.id))
+        self.registry.mark_refusing(worker.worker_id)
         tried = tried | {worker.worker_id}
-        next_worker = self.registry.reserve(str(task.id), exclude=tried)
-        if next_worker is None or self._stop.is_set():
-            self._return_to_queue(task)
-        else:
-            self._submit(task, next_worker, tried)
-
-    def _return_to_queue(self, task: ClaimedTask) -> None:
+        picks = [] if self._stop.is_set() else self.registry.reserve(1, exclude=tried)
+        if not picks:
+            self._return_to_queue(attempt)
+            return
+        next_worker = picks[0]
         try:
-            self.store.unclaim(task.id, task.attempt)
+            moved = self.store.reassign(attempt, next_worker.worker_id)
         except DatabaseUnavailable as exc:
-            log.warning("could not return %s to the queue (%s); the acknowledgement deadline will", task.id, exc)
+            self.registry.unreserve(next_worker.worker_id)
+            log.warning("could not pass %s on (%s); the acknowledgement deadline will", task.id, exc)
+            return
+        if not moved:  # cancelled meanwhile, or rescued: nothing left to dispatch
+            self.registry.unreserve(next_worker.worker_id)
+            self._return_to_queue(attempt)
+            return
+        self.registry.confirm(next_worker.worker_id, str(task.id))
+        self._dispatch(
+            ClaimedTask(task.id, task.command, task.attempt, task.timeout_seconds, task.scheduled_at,
+                        next_worker.worker_id),
+            next_worker, tried,
+        )
+
+    def _return_to_queue(self, attempt: Attempt) -> None:
+        self.registry.release(attempt.worker_id, str(attempt.task_id))
+        try:
+            self.store.unclaim(attempt)
+        except DatabaseUnavailable as exc:
+            log.warning("could not return %s to the queue (%s); the acknowledgement deadline will",
+                        attempt.task_id, exc)
+
+
+def _log_failure(future: Future) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("dispatcher call failed", exc_info=exc)

@@ -2,6 +2,10 @@
 
 Pure bookkeeping, no sockets, no database: the clock is injected so tests can drive it. A lock
 makes each method atomic because the gRPC handlers and the dispatcher share one registry.
+
+The database is the truth (the `workers` table, shared by every coordinator): `sync` replaces this
+view with it, including the tasks each worker holds, whoever dispatched them. Between two syncs the
+registry counts this coordinator's own dispatches, reservations and final reports.
 """
 
 from __future__ import annotations
@@ -11,73 +15,125 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
+from distrack.db.store import LiveWorker
+
 
 @dataclass
 class WorkerInfo:
     worker_id: str
     address: str
     slots: int
-    last_seen: float
-    # task id -> when it was dispatched here; a slot stays taken until the task's final report.
+    # task id -> when this coordinator learned of it; a slot stays taken until the task's end.
     in_flight: dict[str, float] = field(default_factory=dict)
+    # Slots taken for a claim under way, before the tasks have ids.
+    reserved: int = 0
+    # After a refusal, no task goes to this worker before this moment (or its next heartbeat).
+    refusing_until: float = 0.0
+    # When this coordinator last heard a heartbeat from it (0: only known from the database).
+    heard_at: float = 0.0
 
-    @property
-    def free_slots(self) -> int:
-        return max(self.slots - len(self.in_flight), 0)
-
-
-@dataclass(frozen=True)
-class LostWorker:
-    worker_id: str
-    address: str
-    silent_s: float
+    def free_slots(self, now: float) -> int:
+        if now < self.refusing_until:
+            return 0
+        return max(self.slots - len(self.in_flight) - self.reserved, 0)
 
 
 class WorkerRegistry:
-    def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s = ttl_s
+    def __init__(self, *, refusal_backoff_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.refusal_backoff_s = refusal_backoff_s
         self._clock = clock
         self._lock = threading.Lock()
         # Insertion order is the round-robin order; _next is the index of the next worker's turn.
         self._workers: dict[str, WorkerInfo] = {}
         self._next = 0
 
-    def heartbeat(self, worker_id: str, address: str, slots: int, running_task_ids: Iterable[str] = ()) -> bool:
-        """Records a heartbeat; returns True when the worker is new (a capacity change worth a wake-up).
+    def sync(self, live: Iterable[LiveWorker], snapshot_at: float) -> list[WorkerInfo]:
+        """Replaces the view with the database's; returns the workers that left it.
 
-        The worker's own list of running tasks frees slots whose final report never arrived, except
-        for tasks dispatched within the last ttl, whose start may not show in this heartbeat yet.
+        `snapshot_at` is this clock's time when the query started: local dispatches made after it may
+        be missing from the snapshot, so they are kept; older ones not in it have ended.
         """
         now = self._clock()
-        running = set(running_task_ids)
+        with self._lock:
+            previous = self._workers
+            current_id = self._current_worker_id()
+            self._workers = {}
+            for row in live:
+                old = previous.get(row.worker_id)
+                in_flight = {tid: (old.in_flight.get(tid, now) if old else now) for tid in row.active_task_ids}
+                if old is not None:
+                    for tid, since in old.in_flight.items():
+                        if since >= snapshot_at:
+                            in_flight.setdefault(tid, since)
+                self._workers[row.worker_id] = WorkerInfo(
+                    row.worker_id, row.address, max(row.slots, 0), in_flight,
+                    old.reserved if old else 0, old.refusing_until if old else 0.0, old.heard_at if old else 0.0,
+                )
+            # A worker heard here after the snapshot began may be missing from it: it stays.
+            for worker_id, info in previous.items():
+                if worker_id not in self._workers and info.heard_at >= snapshot_at:
+                    self._workers[worker_id] = info
+            self._restore_turn(current_id)
+            return [info for worker_id, info in previous.items() if worker_id not in self._workers]
+
+    def heartbeat(self, worker_id: str, address: str, slots: int, running_task_ids: Iterable[str] = ()) -> bool:
+        """Records a heartbeat heard by this coordinator; True when the worker is new here.
+
+        What the worker says it runs holds slots (a coordinator that restarted learns this way).
+        """
+        now = self._clock()
         with self._lock:
             info = self._workers.get(worker_id)
             if info is None:
-                # Known to a restarted coordinator only now: what it already runs holds its slots.
-                in_flight = dict.fromkeys(running, now)
-                self._workers[worker_id] = WorkerInfo(worker_id, address, max(slots, 0), now, in_flight)
+                info = WorkerInfo(worker_id, address, max(slots, 0), dict.fromkeys(running_task_ids, now), heard_at=now)
+                self._workers[worker_id] = info
                 return True
             info.address = address
             info.slots = max(slots, 0)
-            info.last_seen = now
-            for task_id, dispatched_at in list(info.in_flight.items()):
-                if task_id not in running and now - dispatched_at > self.ttl_s:
-                    del info.in_flight[task_id]
+            info.refusing_until = 0.0
+            info.heard_at = now
+            for task_id in running_task_ids:
+                info.in_flight.setdefault(task_id, now)
             return False
 
-    def reserve(self, task_id: str, exclude: Collection[str] = ()) -> WorkerInfo | None:
-        """Takes a slot for `task_id` on the next worker in turn that has one; None when all are full."""
+    def reserve(self, count: int, exclude: Collection[str] = ()) -> list[WorkerInfo]:
+        """Takes up to `count` slots, one per worker per round, from the worker whose turn it is.
+
+        The turn itself moves only when a reservation becomes a task (`confirm`): reserving every
+        free slot for a claim that finds one due task must not skip the other workers' turns.
+        """
+        now = self._clock()
+        picks: list[WorkerInfo] = []
         with self._lock:
             order = list(self._workers.values())
-            for offset in range(len(order)):
-                index = (self._next + offset) % len(order)
-                info = order[index]
-                if info.worker_id in exclude or info.free_slots <= 0:
+            if not order:
+                return picks
+            index, misses = self._next, 0
+            while len(picks) < count and misses < len(order):
+                info = order[index % len(order)]
+                index += 1
+                if info.worker_id in exclude or info.free_slots(now) <= 0:
+                    misses += 1
                     continue
+                info.reserved += 1
+                picks.append(info)
+                misses = 0
+        return picks
+
+    def confirm(self, worker_id: str, task_id: str) -> None:
+        """Turns one reservation on the worker into a task it holds; the turn passes to the next."""
+        with self._lock:
+            info = self._workers.get(worker_id)
+            if info is not None:
+                info.reserved = max(info.reserved - 1, 0)
                 info.in_flight[task_id] = self._clock()
-                self._next = index + 1
-                return info
-            return None
+                self._next = (list(self._workers).index(worker_id) + 1) % len(self._workers)
+
+    def unreserve(self, worker_id: str, count: int = 1) -> None:
+        with self._lock:
+            info = self._workers.get(worker_id)
+            if info is not None:
+                info.reserved = max(info.reserved - count, 0)
 
     def release(self, worker_id: str, task_id: str) -> None:
         """Frees the slot `task_id` held on the worker (idempotent)."""
@@ -86,45 +142,24 @@ class WorkerRegistry:
             if info is not None:
                 info.in_flight.pop(task_id, None)
 
-    def release_task(self, task_id: str) -> None:
-        """Frees `task_id`'s slot on whichever worker holds it."""
+    def mark_refusing(self, worker_id: str) -> None:
+        """The worker refused a task: give it none until its next heartbeat, or the backoff."""
         with self._lock:
-            for info in self._workers.values():
-                info.in_flight.pop(task_id, None)
+            info = self._workers.get(worker_id)
+            if info is not None:
+                info.refusing_until = self._clock() + self.refusal_backoff_s
+
+    def remove(self, worker_id: str) -> WorkerInfo | None:
+        with self._lock:
+            current_id = self._current_worker_id()
+            info = self._workers.pop(worker_id, None)
+            self._restore_turn(current_id)
+            return info
 
     def free_slots(self) -> int:
-        with self._lock:
-            return sum(info.free_slots for info in self._workers.values())
-
-    def expire(self) -> list[LostWorker]:
-        """Removes and returns the workers silent for longer than the ttl."""
         now = self._clock()
-        lost: list[LostWorker] = []
         with self._lock:
-            for worker_id, info in list(self._workers.items()):
-                silent_s = now - info.last_seen
-                if silent_s > self.ttl_s:
-                    lost.append(LostWorker(worker_id, info.address, silent_s))
-                    self._remove_locked(worker_id)
-        return lost
-
-    def remove(self, worker_id: str) -> None:
-        with self._lock:
-            self._remove_locked(worker_id)
-
-    def _remove_locked(self, worker_id: str) -> None:
-        ids = list(self._workers)
-        if worker_id not in self._workers:
-            return
-        index = ids.index(worker_id)
-        del self._workers[worker_id]
-        # Keep the turn on the same next worker after the list shrinks.
-        if index < self._next:
-            self._next -= 1
-        if self._workers:
-            self._next %= len(self._workers)
-        else:
-            self._next = 0
+            return sum(info.free_slots(now) for info in self._workers.values())
 
     def get(self, worker_id: str) -> WorkerInfo | None:
         with self._lock:
@@ -134,6 +169,15 @@ class WorkerRegistry:
         """Copies of the live workers, in round-robin order."""
         with self._lock:
             return [
-                WorkerInfo(i.worker_id, i.address, i.slots, i.last_seen, dict(i.in_flight))
+                WorkerInfo(i.worker_id, i.address, i.slots, dict(i.in_flight), i.reserved, i.refusing_until, i.heard_at)
                 for i in self._workers.values()
             ]
+
+    # The turn is kept as "the worker whose turn it is", so it survives workers joining or leaving.
+    def _current_worker_id(self) -> str | None:
+        ids = list(self._workers)
+        return ids[self._next % len(ids)] if ids else None
+
+    def _restore_turn(self, worker_id: str | None) -> None:
+        ids = list(self._workers)
+        self._next = ids.index(worker_id) if worker_id in self._workers else (self._next % len(ids) if ids else 0)

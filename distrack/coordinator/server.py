@@ -15,7 +15,7 @@ from distrack.coordinator.registry import WorkerRegistry
 from distrack.coordinator.service import CoordinatorService
 from distrack.db.listener import Listener
 from distrack.db.pool import make_pool
-from distrack.db.store import NOTIFY_CHANNEL, TaskStore
+from distrack.db.store import CANCEL_CHANNEL, QUEUED_CHANNEL, TaskStore
 from distrack.process import grpc_server
 from distrack.rpc import distrack_pb2_grpc
 
@@ -29,10 +29,10 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
     """Runs the coordinator until `stop` is set."""
     pool = make_pool(config.database_url, max_size=GRPC_THREADS // 2 + 2, name="coordinator")
     store = TaskStore(pool)
-    registry = WorkerRegistry(config.worker_ttl_s)
+    registry = WorkerRegistry(refusal_backoff_s=config.heartbeat_interval_s)
     wakeup = threading.Event()
-    listener = Listener(config.database_url, NOTIFY_CHANNEL, wakeup)
     dispatcher = Dispatcher(store, registry, config, wakeup)
+    listener = Listener(config.database_url, [QUEUED_CHANNEL, CANCEL_CHANNEL], dispatcher.on_notify)
     server, port = grpc_server(config.listen, GRPC_THREADS)
     distrack_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, registry, config, wakeup), server)
     try:

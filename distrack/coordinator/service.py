@@ -1,4 +1,4 @@
-"""CoordinatorService: the gRPC handlers workers call (heartbeats and status reports)."""
+"""CoordinatorService: the gRPC handlers workers call (heartbeats, status reports, leaving)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import grpc
 
 from distrack.config import CoordinatorConfig
 from distrack.coordinator.registry import WorkerRegistry
-from distrack.db.store import TaskStore
-from distrack.errors import DatabaseUnavailable
+from distrack.db.store import Attempt, EndedAttempt, TaskStore
+from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 Status = distrack_pb2.TaskStatus
+WORKER_LEFT_ERROR = "worker {worker_id} left before finishing it"
 
 
 class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
@@ -35,20 +36,46 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
     def Heartbeat(self, request: distrack_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         if not request.worker_id or not request.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat needs worker_id and address")
+        running = [_uuid_or_none(t) for t in request.running_task_ids]
+        if None in running:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids must be UUIDs")
+        stop: list[str] = []
+        try:
+            if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):
+                log.info("worker %s joined at %s with %d slot(s)", request.worker_id, request.address, request.slots)
+            stop = self.store.runs_to_stop(request.worker_id, request.running_task_ids)
+        except DatabaseUnavailable as exc:
+            # The worker is alive all the same; the rescue waits for the database to be back a while.
+            log.warning("heartbeat of %s not recorded: %s", request.worker_id, exc)
         if self.registry.heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):
-            log.info("worker %s joined at %s with %d slot(s)", request.worker_id, request.address, request.slots)
             self.wakeup.set()
-        return distrack_pb2.HeartbeatResponse()
+        if stop:
+            log.info("telling %s to stop %s", request.worker_id, ", ".join(stop))
+        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop)
+
+    def Deregister(self, request: distrack_pb2.DeregisterRequest, context: grpc.ServicerContext):
+        if not request.worker_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is required")
+        try:
+            self.store.delete_worker(request.worker_id)
+            left = [EndedAttempt(a, WORKER_LEFT_ERROR.format(worker_id=request.worker_id))
+                    for a in self.store.worker_attempts(request.worker_id)]
+            self.store.end_attempts(left, self.config.retry_delay_s)
+        except DatabaseUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.registry.remove(request.worker_id)
+        log.info("worker %s left", request.worker_id)
+        return distrack_pb2.DeregisterResponse()
 
     def UpdateTaskStatus(self, request: distrack_pb2.TaskStatusUpdate, context: grpc.ServicerContext):
-        try:
-            task_id = uuid.UUID(request.task_id)
-        except ValueError:
+        task_id = _uuid_or_none(request.task_id)
+        if task_id is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"task_id {request.task_id!r} is not a UUID")
         if not request.worker_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a status report needs worker_id")
         if request.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown task status {request.status}")
+        attempt = Attempt(task_id, request.attempt, request.worker_id)
         final = request.status in (Status.COMPLETED, Status.FAILED)
         if final:
             # The worker freed the slot before reporting; free it here even if the write below must
@@ -56,32 +83,28 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.registry.release(request.worker_id, request.task_id)
             self.wakeup.set()
         try:
-            recorded = self._record(task_id, request)
+            recorded = self._record(attempt, request)
         except DatabaseUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except DataRejected as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not recorded:
-            log.info(
-                "stale %s report for %s attempt %d from %s ignored",
-                Status.Name(request.status),
-                task_id,
-                request.attempt,
-                request.worker_id,
-            )
+            log.info("stale %s report for %s attempt %d from %s refused",
+                     Status.Name(request.status), task_id, request.attempt, request.worker_id)
         return distrack_pb2.TaskStatusAck(recorded=recorded)
 
-    def _record(self, task_id: uuid.UUID, request: distrack_pb2.TaskStatusUpdate) -> bool:
+    def _record(self, attempt: Attempt, request: distrack_pb2.TaskStatusUpdate) -> bool:
         if request.status == Status.INPROGRESS:
-            return self.store.mark_running(task_id, request.attempt, request.worker_id)
+            return self.store.mark_running(attempt)
         if request.status == Status.COMPLETED:
-            return self.store.mark_completed(task_id, request.attempt, request.worker_id, request.exit_code)
-        if request.status == Status.FAILED:
-            new_status = self.store.mark_failed(
-                task_id,
-                request.attempt,
-                request.worker_id,
-                request.exit_code,
-                request.error or None,
-                self.config.retry_delay_s,
-            )
-            return new_status is not None
-        raise AssertionError(request.status)
+            return self.store.mark_completed(attempt, request.exit_code)
+        error = request.error or f"exited with code {request.exit_code}"
+        ended = EndedAttempt(attempt, error, request.exit_code)
+        return bool(self.store.end_attempts([ended], self.config.retry_delay_s))
+
+
+def _uuid_or_none(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None

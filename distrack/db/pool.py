@@ -8,6 +8,7 @@ from psycopg_pool import ConnectionPool
 # A request must not hang while the database is away: fail over to a 503 quickly instead.
 CONNECT_TIMEOUT_S = 3
 POOL_TIMEOUT_S = 3.0
+TCP_USER_TIMEOUT_MS = 15_000
 
 
 def connection_kwargs() -> dict:
@@ -15,6 +16,12 @@ def connection_kwargs() -> dict:
         "autocommit": True,
         "row_factory": dict_row,
         "connect_timeout": CONNECT_TIMEOUT_S,
+        # Text goes over the wire as UTF-8 whatever the server's default, so a database in another
+        # encoding rejects what it cannot store (a DataError, a 400) instead of failing in the driver.
+        "client_encoding": "utf8",
+        # A statement sent on a connection whose peer vanished fails after this long, instead of
+        # waiting out TCP's retransmissions (a quarter of an hour).
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
         # Keepalives notice a database host that vanished without closing the socket.
         "keepalives": 1,
         "keepalives_idle": 10,

@@ -7,8 +7,9 @@ transaction ever spans a network call to a worker or a client.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,11 +18,14 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from distrack.db.queries import queries
-from distrack.errors import DatabaseUnavailable
+from distrack.errors import DatabaseUnavailable, DataRejected
 
-NOTIFY_CHANNEL = "distrack_task_queued"
-WORKER_LOST_ERROR = "worker {worker_id} was lost (no heartbeat for {silent_s:.1f} s)"
-UNACKNOWLEDGED_ERROR = "dispatched but not acknowledged by a worker within {ack_timeout_s:g} s"
+log = logging.getLogger(__name__)
+
+QUEUED_CHANNEL = "distrack_task_queued"
+CANCEL_CHANNEL = "distrack_cancel"
+# The longest wait before a retry, however many attempts came before.
+MAX_RETRY_DELAY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -31,16 +35,43 @@ class ClaimedTask:
     attempt: int
     timeout_seconds: float | None
     scheduled_at: datetime
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a task, as owned by one worker: the fence every change of it must name."""
+
+    task_id: uuid.UUID
+    attempt: int
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class EndedAttempt:
+    attempt: Attempt
+    error: str
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class LiveWorker:
+    worker_id: str
+    address: str
+    slots: int
+    running: int
+    active_task_ids: frozenset[str]
 
 
 class TaskStore:
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, *, max_retry_delay_s: float = MAX_RETRY_DELAY_S) -> None:
         self.pool = pool
+        self.max_retry_delay_s = max_retry_delay_s
         self._sql = queries()
 
     @contextlib.contextmanager
     def _cursor(self) -> Iterator[psycopg.Cursor]:
-        """A cursor on a pooled autocommit connection; driver failures become DatabaseUnavailable."""
+        """A cursor on a pooled autocommit connection; driver errors become distrack's own."""
         try:
             with self.pool.connection() as conn, conn.cursor() as cur:
                 yield cur
@@ -48,6 +79,15 @@ class TaskStore:
             raise DatabaseUnavailable(f"no database connection available: {exc}") from None
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"database unavailable: {exc}".strip()) from None
+        except psycopg.DataError as exc:
+            # Data the database cannot hold (an encoding it lacks, a value out of range): the
+            # caller's input, not an outage.
+            raise DataRejected(f"the database rejected the data: {exc}".strip()) from None
+        except psycopg.Error as exc:
+            # Anything else (schema missing, read-only after a failover...) is the service's
+            # problem, not the client's; logged in full, reported as unavailable.
+            log.error("database error: %s: %s", type(exc).__name__, exc)
+            raise DatabaseUnavailable(f"database error: {type(exc).__name__}") from None
 
     def _one(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
         with self._cursor() as cur:
@@ -87,76 +127,122 @@ class TaskStore:
     def get_task(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         return self._one("get_task", {"id": task_id})
 
+    def cancel_task(self, task_id: uuid.UUID) -> str | None:
+        """Cancels a queued task, or asks for a picked or running one to be stopped.
+
+        Returns the status after the call ('cancelled', or 'picked'/'running' while the stop is under
+        way), or None when the task is unknown or already finished.
+        """
+        row = self._one("cancel_task", {"id": task_id})
+        if row is None:
+            return None
+        if row["status"] != "cancelled":
+            self._one("notify_cancel", {"id": str(task_id)})
+        return row["status"]
+
     def ping(self) -> None:
         self._one("ping")
 
-    # --- the coordinator's side
+    # --- the coordinator's side: claiming and reports
 
-    def claim_due(self, limit: int) -> list[ClaimedTask]:
-        """Marks up to `limit` due tasks picked, in one short transaction, and returns them."""
-        if limit <= 0:
+    def claim_due(self, worker_ids: Sequence[str]) -> list[ClaimedTask]:
+        """Claims up to len(worker_ids) due tasks, the n-th for the n-th worker, in one transaction."""
+        if not worker_ids:
             return []
-        rows = self._all("claim_due", {"limit": limit})
+        rows = self._all("claim_due", {"worker_ids": list(worker_ids)})
         tasks = [
-            ClaimedTask(r["id"], r["command"], r["attempts"], r["timeout_seconds"], r["scheduled_at"]) for r in rows
+            ClaimedTask(r["id"], r["command"], r["attempts"], r["timeout_seconds"], r["scheduled_at"], r["worker_id"])
+            for r in rows
         ]
-        tasks.sort(key=lambda t: t.scheduled_at)
+        # The order the statement paired tasks with workers in: confirming them in it keeps the turn.
+        tasks.sort(key=lambda t: (t.scheduled_at, t.id))
         return tasks
 
     def seconds_until_next_due(self) -> float | None:
         row = self._one("seconds_until_next_due")
         return None if row is None else row["seconds"]
 
-    def unclaim(self, task_id: uuid.UUID, attempt: int) -> bool:
-        row = self._one("unclaim", {"id": task_id, "attempt": attempt})
-        return bool(row and row["n"])
+    def reassign(self, attempt: Attempt, new_worker_id: str) -> bool:
+        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id,
+                  "new_worker_id": new_worker_id}
+        return self._one("reassign", params) is not None
 
-    def mark_running(self, task_id: uuid.UUID, attempt: int, worker_id: str) -> bool:
-        return self._one("mark_running", {"id": task_id, "attempt": attempt, "worker_id": worker_id}) is not None
+    def unclaim(self, attempt: Attempt) -> bool:
+        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id}
+        return self._one("unclaim", params) is not None
 
-    def mark_completed(self, task_id: uuid.UUID, attempt: int, worker_id: str, exit_code: int) -> bool:
-        params = {"id": task_id, "attempt": attempt, "worker_id": worker_id, "exit_code": exit_code}
+    def mark_running(self, attempt: Attempt) -> bool:
+        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id}
+        return self._one("mark_running", params) is not None
+
+    def mark_completed(self, attempt: Attempt, exit_code: int) -> bool:
+        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id,
+                  "exit_code": exit_code}
         return self._one("mark_completed", params) is not None
 
-    def mark_failed(
-        self,
-        task_id: uuid.UUID,
-        attempt: int,
-        worker_id: str,
-        exit_code: int | None,
-        error: str | None,
-        retry_delay_s: float,
-    ) -> str | None:
-        """Records a failed attempt; returns the new status ('queued' for a retry), None if stale."""
-        row = self._one(
-            "mark_failed",
+    def end_attempts(self, ended: Sequence[EndedAttempt], retry_delay_s: float) -> dict[uuid.UUID, str]:
+        """Ends attempts that did not succeed; returns {task_id: new status} for those still current."""
+        if not ended:
+            return {}
+        rows = self._all(
+            "end_attempts",
             {
-                "id": task_id,
-                "attempt": attempt,
-                "worker_id": worker_id,
-                "exit_code": exit_code,
-                "error": error,
+                "ids": [e.attempt.task_id for e in ended],
+                "attempts": [e.attempt.attempt for e in ended],
+                "worker_ids": [e.attempt.worker_id for e in ended],
+                "exit_codes": [e.exit_code for e in ended],
+                "errors": [e.error for e in ended],
                 "retry_delay_s": retry_delay_s,
+                "max_retry_delay_s": self.max_retry_delay_s,
             },
         )
-        if row is None:
-            return None
-        if row["status"] == "queued":
-            self._one("notify_queued")
-        return row["status"]
+        return {r["id"]: r["status"] for r in rows}
 
-    def release_worker_tasks(self, worker_id: str, silent_s: float) -> list[dict[str, Any]]:
-        """Re-queues (or fails, with no attempt left) what a lost worker had not finished."""
-        error = WORKER_LOST_ERROR.format(worker_id=worker_id, silent_s=silent_s)
-        rows = self._all("release_worker_tasks", {"worker_id": worker_id, "error": error})
-        if any(r["status"] == "queued" for r in rows):
-            self._one("notify_queued")
-        return rows
+    # --- the coordinator's side: rescue
 
-    def requeue_unacknowledged(self, ack_timeout_s: float) -> list[dict[str, Any]]:
-        """Re-queues (or fails) tasks picked longer than `ack_timeout_s` ago that never started."""
-        error = UNACKNOWLEDGED_ERROR.format(ack_timeout_s=ack_timeout_s)
-        rows = self._all("requeue_unacknowledged", {"ack_timeout_s": ack_timeout_s, "error": error})
-        if any(r["status"] == "queued" for r in rows):
-            self._one("notify_queued")
-        return rows
+    def orphaned_attempts(self, ttl_s: float) -> list[tuple[Attempt, float | None]]:
+        """Attempts held by workers silent for longer than `ttl_s` (or unknown), with that silence."""
+        rows = self._all("orphaned_attempts", {"ttl_s": ttl_s})
+        return [(Attempt(r["id"], r["attempt"], r["worker_id"]), r["silent_s"]) for r in rows]
+
+    def unacknowledged_attempts(self, ack_timeout_s: float) -> list[Attempt]:
+        rows = self._all("unacknowledged_attempts", {"ack_timeout_s": ack_timeout_s})
+        return [Attempt(r["id"], r["attempt"], r["worker_id"]) for r in rows]
+
+    def worker_attempts(self, worker_id: str) -> list[Attempt]:
+        rows = self._all("worker_attempts", {"worker_id": worker_id})
+        return [Attempt(r["id"], r["attempt"], r["worker_id"]) for r in rows]
+
+    # --- the coordinator's side: the shared worker registry
+
+    def record_heartbeat(self, worker_id: str, address: str, slots: int, running: Sequence[str]) -> bool:
+        """Upserts the worker's row; True when it is new."""
+        row = self._one("upsert_worker", {"worker_id": worker_id, "address": address, "slots": slots,
+                                          "running": len(running)})
+        return bool(row and row["joined"])
+
+    def runs_to_stop(self, worker_id: str, running: Sequence[str]) -> list[str]:
+        if not running:
+            return []
+        rows = self._all("runs_to_stop", {"worker_id": worker_id, "task_ids": list(running)})
+        return [str(r["id"]) for r in rows]
+
+    def live_workers(self, ttl_s: float) -> list[LiveWorker]:
+        rows = self._all("live_workers", {"ttl_s": ttl_s})
+        return [
+            LiveWorker(r["worker_id"], r["address"], r["slots"], r["running"],
+                       frozenset(str(t) for t in r["active_task_ids"]))
+            for r in rows
+        ]
+
+    def delete_stale_workers(self, ttl_s: float) -> list[dict[str, Any]]:
+        return self._all("delete_stale_workers", {"ttl_s": ttl_s})
+
+    def delete_worker(self, worker_id: str) -> bool:
+        return self._one("delete_worker", {"worker_id": worker_id}) is not None
+
+    def cancels_pending(self) -> list[tuple[uuid.UUID, str | None]]:
+        return [(r["id"], r["worker_id"]) for r in self._all("cancels_pending")]
+
+    def notify_queued(self) -> None:
+        self._one("notify_queued")

@@ -45,6 +45,11 @@ class CoordinatorStub:
                 request_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusUpdate.SerializeToString,
                 response_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusAck.FromString,
                 _registered_method=True)
+        self.Deregister = channel.unary_unary(
+                '/distrack.Coordinator/Deregister',
+                request_serializer=distrack_dot_rpc_dot_distrack__pb2.DeregisterRequest.SerializeToString,
+                response_deserializer=distrack_dot_rpc_dot_distrack__pb2.DeregisterResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -63,6 +68,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deregister(self, request, context):
+        """A worker leaving on purpose (graceful shutdown): it is removed at once, and anything it still
+        holds is rescued without waiting for its heartbeats to lapse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UpdateTaskStatus,
                     request_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusUpdate.FromString,
                     response_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusAck.SerializeToString,
+            ),
+            'Deregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deregister,
+                    request_deserializer=distrack_dot_rpc_dot_distrack__pb2.DeregisterRequest.FromString,
+                    response_serializer=distrack_dot_rpc_dot_distrack__pb2.DeregisterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,9 +160,36 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Deregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distrack.Coordinator/Deregister',
+            distrack_dot_rpc_dot_distrack__pb2.DeregisterRequest.SerializeToString,
+            distrack_dot_rpc_dot_distrack__pb2.DeregisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerStub:
-    """Served by each worker: the coordinator hands it tasks to run.
+    """Served by each worker: the coordinator hands it tasks to run, and cancels them.
     """
 
     def __init__(self, channel):
@@ -158,13 +203,24 @@ class WorkerStub:
                 request_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskRequest.SerializeToString,
                 response_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskResponse.FromString,
                 _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/distrack.Worker/CancelTask',
+                request_serializer=distrack_dot_rpc_dot_distrack__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=distrack_dot_rpc_dot_distrack__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
-    """Served by each worker: the coordinator hands it tasks to run.
+    """Served by each worker: the coordinator hands it tasks to run, and cancels them.
     """
 
     def SubmitTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +234,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskRequest.FromString,
                     response_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskResponse.SerializeToString,
             ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=distrack_dot_rpc_dot_distrack__pb2.CancelTaskRequest.FromString,
+                    response_serializer=distrack_dot_rpc_dot_distrack__pb2.CancelTaskResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'distrack.Worker', rpc_method_handlers)
@@ -187,7 +248,7 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Served by each worker: the coordinator hands it tasks to run.
+    """Served by each worker: the coordinator hands it tasks to run, and cancels them.
     """
 
     @staticmethod
@@ -207,6 +268,33 @@ class Worker:
             '/distrack.Worker/SubmitTask',
             distrack_dot_rpc_dot_distrack__pb2.TaskRequest.SerializeToString,
             distrack_dot_rpc_dot_distrack__pb2.TaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distrack.Worker/CancelTask',
+            distrack_dot_rpc_dot_distrack__pb2.CancelTaskRequest.SerializeToString,
+            distrack_dot_rpc_dot_distrack__pb2.CancelTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,11 +16,12 @@ import falcon
 from distrack.config import require_database_url
 from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
-from distrack.errors import DatabaseUnavailable
+from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.scheduler.validation import InvalidInput, parse_schedule_request, parse_task_id
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-LIFECYCLE_TIMESTAMPS = ("picked_at", "started_at", "completed_at", "failed_at")
+LIFECYCLE_TIMESTAMPS = ("picked_at", "started_at", "completed_at", "failed_at", "cancel_requested_at", "cancelled_at")
+FINISHED = ("completed", "failed")
 # How long clients should wait before retrying while the database is away.
 RETRY_AFTER_S = 2
 
@@ -92,6 +93,20 @@ class StatusResource:
     def on_get_task(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         resp.media = self._get(parse_task_id(task_id))
 
+    def on_post_cancel(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        """200 once cancelled (also when it already was), 202 while a running attempt is being
+        stopped, 409 for a task that already finished."""
+        tid = parse_task_id(task_id)
+        status = self.store.cancel_task(tid)
+        doc = self._get(tid)
+        if status is None and doc["status"] in FINISHED:
+            raise falcon.HTTPConflict(
+                title="Task already finished",
+                description=f"task {tid} is {doc['status']}; only queued or running tasks can be cancelled",
+            )
+        resp.status = falcon.HTTP_200 if doc["status"] == "cancelled" else falcon.HTTP_202
+        resp.media = doc
+
     def _get(self, task_id: uuid.UUID) -> dict[str, Any]:
         row = self.store.get_task(task_id)
         if row is None:
@@ -112,10 +127,15 @@ def _invalid_input(req: falcon.Request, resp: falcon.Response, exc: InvalidInput
     raise falcon.HTTPBadRequest(title="Invalid input", description=str(exc))
 
 
+def _data_rejected(req: falcon.Request, resp: falcon.Response, exc: DataRejected, params: dict) -> None:
+    raise falcon.HTTPBadRequest(title="Invalid input", description=str(exc))
+
+
 def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+    # Not "nothing was stored": a commit can succeed just before the connection breaks.
     raise falcon.HTTPServiceUnavailable(
         title="Database unavailable",
-        description="the task database cannot be reached right now; nothing was stored, retry later",
+        description="the task database cannot be reached right now; the request did not complete, retry later",
         retry_after=RETRY_AFTER_S,
     )
 
@@ -129,8 +149,10 @@ def create_app(store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.add_route("/schedule", ScheduleResource(store, max_body_bytes))
     app.add_route("/status", status)
     app.add_route("/tasks/{task_id}", status, suffix="task")
+    app.add_route("/tasks/{task_id}/cancel", status, suffix="cancel")
     app.add_route("/health", HealthResource(store))
     app.add_error_handler(InvalidInput, _invalid_input)
+    app.add_error_handler(DataRejected, _data_rejected)
     app.add_error_handler(DatabaseUnavailable, _database_unavailable)
     return app
 

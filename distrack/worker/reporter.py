@@ -1,7 +1,7 @@
-"""CoordinatorClient: a worker's calls to its coordinator (heartbeats and status reports).
+"""CoordinatorClient: a worker's calls to its coordinator (heartbeats, status reports, leaving).
 
-Reports are retried with backoff (tenacity) while the coordinator is unreachable or its database is
-down, so a short outage loses no report.
+Reports are retried with backoff (tenacity) for as long as the worker runs, while the coordinator is
+unreachable or its database is down, so an outage loses no report.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential_jitter,
 )
 
@@ -29,6 +30,7 @@ TRANSIENT_CODES = {
     grpc.StatusCode.ABORTED,
 }
 REPORT_TIMEOUT_S = 5.0
+DEREGISTER_TIMEOUT_S = 5.0
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -43,25 +45,29 @@ class CoordinatorClient:
         self._channel = grpc.insecure_channel(target)
         self._stub = distrack_pb2_grpc.CoordinatorStub(self._channel)
 
-    def heartbeat(self, request: distrack_pb2.HeartbeatRequest, timeout_s: float) -> None:
-        self._stub.Heartbeat(request, timeout=timeout_s)
+    def heartbeat(self, request: distrack_pb2.HeartbeatRequest, timeout_s: float) -> distrack_pb2.HeartbeatResponse:
+        return self._stub.Heartbeat(request, timeout=timeout_s)
 
     def report(self, update: distrack_pb2.TaskStatusUpdate) -> bool:
         """Sends one status report, retrying transient failures; returns whether it was recorded."""
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(initial=0.05, max=5.0),
-            stop=stop_after_delay(self.report_retry_s),
-            sleep=self._sleep,
+            # Until the worker stops for good (it keeps reporting through its shutdown grace).
+            stop=stop_after_delay(self.report_retry_s) | stop_when_event_set(self._stop),
+            sleep=self._stop.wait,
             before_sleep=self._log_retry,
             reraise=True,
         )
         ack = retrying(self._stub.UpdateTaskStatus, update, timeout=REPORT_TIMEOUT_S)
         return ack.recorded
 
-    def _sleep(self, seconds: float) -> None:
-        # A stop during a retry wait still sends the report once more right away.
-        self._stop.wait(seconds)
+    def deregister(self, worker_id: str) -> None:
+        try:
+            self._stub.Deregister(distrack_pb2.DeregisterRequest(worker_id=worker_id), timeout=DEREGISTER_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            # Not fatal: without it the coordinator notices the silence after its ttl.
+            log.warning("could not deregister from %s: %s", self.target, exc.code().name)
 
     @staticmethod
     def _log_retry(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -17,19 +18,20 @@ from distrack.process import grpc_server
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.worker.identity import advertised_address, new_worker_id
 from distrack.worker.reporter import CoordinatorClient
-from distrack.worker.service import WorkerService
+from distrack.worker.service import NOT_OWNER, WorkerService
 
 log = logging.getLogger(__name__)
 
 GRPC_THREADS = 8
-# On SIGTERM, how long running tasks get to finish before the worker exits anyway.
-SHUTDOWN_GRACE_S = 30.0
+# After the grace period, stopped runs get this long to die and be reported.
+STOP_REPORT_S = 10.0
 
 
 class Heartbeats:
-    """Sends a heartbeat at once, then every interval, until stopped."""
+    """Sends a heartbeat at once, then at a fixed rate, until stopped; stops the runs it is told to."""
 
-    def __init__(self, client: CoordinatorClient, service: WorkerService, address: str, interval_s: float) -> None:
+    def __init__(self, client: CoordinatorClient, service: WorkerService, address: str,
+                 interval_s: float) -> None:
         self.client = client
         self.service = service
         self.address = address
@@ -42,64 +44,69 @@ class Heartbeats:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self.interval_s + 1)
+        self._thread.join(self.interval_s + 5)
 
     def _run(self) -> None:
         reachable = True
+        next_at = time.monotonic()
         while not self._stop.is_set():
             request = distrack_pb2.HeartbeatRequest(
                 worker_id=self.service.worker_id,
                 address=self.address,
-                slots=self.service.slots,
+                slots=self.service.advertised_slots(),
                 running_task_ids=self.service.running_task_ids(),
             )
             try:
-                self.client.heartbeat(request, timeout_s=self.interval_s)
+                # Bounded so one slow answer does not push the next heartbeat late.
+                reply = self.client.heartbeat(request, timeout_s=max(self.interval_s, 1.0))
                 if not reachable:
                     log.info("coordinator %s reachable again", self.client.target)
                 reachable = True
+                if reply.stop_task_ids:
+                    self.service.stop_runs(list(reply.stop_task_ids), NOT_OWNER)
             except grpc.RpcError as exc:
                 if reachable:
                     log.warning("heartbeat to %s failed: %s", self.client.target, exc.code().name)
                 reachable = False
-            self._stop.wait(self.interval_s)
+            # A fixed rate: the interval runs from one heartbeat's start to the next one's.
+            next_at = max(next_at + self.interval_s, time.monotonic())
+            self._stop.wait(next_at - time.monotonic())
 
 
 def serve(config: WorkerConfig, stop: threading.Event) -> None:
-    """Runs a worker until `stop` is set."""
+    """Runs a worker until `stop` is set, then shuts down gracefully."""
     server, port = grpc_server(config.listen, GRPC_THREADS)
     worker_id = new_worker_id(port)
     address = advertised_address(config.listen, port, config.coordinator, config.advertise_host)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # Reports keep retrying through a shutdown's grace period; the stop event only ends their waits.
+    # Reports keep retrying through the shutdown grace; this event ends them once the worker is done.
     reports_stop = threading.Event()
     client = CoordinatorClient(
         config.coordinator.dial_target(), report_retry_s=config.report_retry_s, stop=reports_stop
     )
-    service = WorkerService(worker_id, config.slots, output_dir, client)
+    service = WorkerService(worker_id, config.slots, output_dir, client, default_timeout_s=config.task_timeout_s)
     distrack_pb2_grpc.add_WorkerServicer_to_server(service, server)
     heartbeats = Heartbeats(client, service, address, config.heartbeat_interval_s)
     try:
         server.start()
         heartbeats.start()
-        log.info(
-            "worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
-            worker_id,
-            port,
-            address,
-            client.target,
-            config.slots,
-            output_dir.resolve(),
-        )
+        log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
+                 worker_id, port, address, client.target, config.slots, output_dir.resolve())
         stop.wait()
     finally:
-        # Order: refuse new tasks, let running ones finish and report, then go quiet.
+        # Order: take no new task (heartbeats now advertise no slot), let running ones finish within
+        # the grace period (cancels still reach them), stop what is left and report it (attempts left
+        # retry elsewhere), leave the registry, and only then go quiet.
         service.stop_accepting()
-        server.stop(grace=1.0)
-        if not service.wait_idle(SHUTDOWN_GRACE_S):
-            log.warning("tasks still running after %.0f s: %s", SHUTDOWN_GRACE_S, service.running_task_ids())
+        if not service.wait_idle(config.shutdown_grace_s):
+            log.warning("tasks still running after %.0f s: %s; stopping them", config.shutdown_grace_s,
+                        service.running_task_ids())
+            if not service.stop_all(STOP_REPORT_S):
+                log.error("some reports could not be sent before exiting")
         heartbeats.stop()
+        client.deregister(worker_id)
+        server.stop(grace=1.0).wait()
         reports_stop.set()
         client.close()
         log.info("worker %s stopped", worker_id)

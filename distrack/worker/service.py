@@ -2,14 +2,18 @@
 
 Each task's thread spawns the command, reports INPROGRESS, waits, frees the slot, then reports
 COMPLETED or FAILED. The slot is freed before the final report so the coordinator, which frees it on
-that report, never sees a slot it cannot use.
+that report, never sees a slot it cannot use. A run is stopped early when it is cancelled, when the
+coordinator refuses its INPROGRESS (the attempt is no longer this worker's), when a heartbeat says
+so, or when the worker shuts down; its final report still goes out and ends the attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,24 +25,45 @@ from distrack.worker.runner import CommandRun, Outcome, output_path
 log = logging.getLogger(__name__)
 
 Status = distrack_pb2.TaskStatus
+NOT_OWNER = "stopped: the coordinator no longer assigns this attempt to this worker"
+SHUTDOWN = "stopped: the worker shut down before the task finished"
+
+
+@dataclass
+class Run:
+    attempt: int
+    command: CommandRun
 
 
 class WorkerService(distrack_pb2_grpc.WorkerServicer):
-    def __init__(self, worker_id: str, slots: int, output_dir: Path, coordinator: CoordinatorClient) -> None:
+    def __init__(
+        self, worker_id: str, slots: int, output_dir: Path, coordinator: CoordinatorClient,
+        *, default_timeout_s: float = 0.0,
+    ) -> None:
         self.worker_id = worker_id
         self.slots = slots
         self.output_dir = output_dir
         self.coordinator = coordinator
+        self.default_timeout_s = default_timeout_s
         self._lock = threading.Lock()
-        self._running: dict[str, threading.Thread] = {}
-        # Tasks accepted whose final report has not been sent yet (a superset of _running).
+        self._runs: dict[str, Run] = {}
+        # Tasks accepted whose final report has not been sent yet (a superset of _runs).
         self._unfinished = 0
         self._accepting = True
         self._idle = threading.Condition(self._lock)
 
+    # --- what the heartbeat says
+
     def running_task_ids(self) -> list[str]:
         with self._lock:
-            return list(self._running)
+            return list(self._runs)
+
+    def advertised_slots(self) -> int:
+        """Zero once shutting down, so no coordinator counts on this worker any more."""
+        with self._lock:
+            return self.slots if self._accepting else 0
+
+    # --- gRPC
 
     def SubmitTask(self, request: distrack_pb2.TaskRequest, context: grpc.ServicerContext):
         try:
@@ -48,19 +73,39 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         if not request.command:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command is empty")
         with self._lock:
-            if task_id in self._running:
-                return distrack_pb2.TaskResponse(accepted=True, message="already running")
+            run = self._runs.get(task_id)
+            if run is not None:
+                if run.attempt == request.attempt:
+                    return distrack_pb2.TaskResponse(accepted=True, message="already running")
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"still running attempt {run.attempt} of this task")
             if not self._accepting:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
-            if len(self._running) >= self.slots:
+            if len(self._runs) >= self.slots:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.slots} slot(s) are busy")
-            thread = threading.Thread(
-                target=self._run, args=(task_id, request), name=f"task-{task_id[:8]}", daemon=True
-            )
-            self._running[task_id] = thread
+            run = Run(request.attempt, self._command_run(task_id, request))
+            self._runs[task_id] = run
             self._unfinished += 1
-        thread.start()
+        threading.Thread(target=self._run, args=(task_id, run), name=f"task-{task_id[:8]}", daemon=True).start()
         return distrack_pb2.TaskResponse(accepted=True)
+
+    def CancelTask(self, request: distrack_pb2.CancelTaskRequest, context: grpc.ServicerContext):
+        with self._lock:
+            run = self._runs.get(request.task_id)
+        if run is None:
+            return distrack_pb2.CancelTaskResponse(found=False)
+        log.info("cancelling %s", request.task_id)
+        run.command.stop("cancelled", cancelled=True)
+        return distrack_pb2.CancelTaskResponse(found=True)
+
+    # --- stopping runs
+
+    def stop_runs(self, task_ids: list[str], reason: str) -> None:
+        with self._lock:
+            runs = [(t, self._runs[t]) for t in task_ids if t in self._runs]
+        for task_id, run in runs:
+            log.warning("stopping %s: %s", task_id, reason)
+            run.command.stop(reason)
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -71,36 +116,51 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         with self._idle:
             return self._idle.wait_for(lambda: self._unfinished == 0, timeout_s)
 
-    def _run(self, task_id: str, request: distrack_pb2.TaskRequest) -> None:
+    def stop_all(self, timeout_s: float) -> bool:
+        """Stops every run still going and waits (up to `timeout_s`) for their reports."""
+        self.stop_runs(self.running_task_ids(), SHUTDOWN)
+        return self.wait_idle(timeout_s)
+
+    # --- one task
+
+    def _command_run(self, task_id: str, request: distrack_pb2.TaskRequest) -> CommandRun:
+        # The task learns who it is: handy for idempotent commands and for counting executions.
+        env = dict(os.environ, DISTRACK_TASK_ID=task_id, DISTRACK_ATTEMPT=str(request.attempt),
+                   DISTRACK_WORKER_ID=self.worker_id)
+        return CommandRun(
+            request.command,
+            output_path(self.output_dir, self.worker_id, task_id),
+            request.timeout_seconds or self.default_timeout_s,
+            env,
+        )
+
+    def _run(self, task_id: str, run: Run) -> None:
         outcome: Outcome
         try:
-            run = CommandRun(
-                request.command,
-                output_path(self.output_dir, self.worker_id, task_id),
-                request.timeout_seconds,
-            )
             try:
-                run.start()
+                run.command.start()
             except OSError as exc:
                 outcome = Outcome(127, f"could not start the command: {exc}")
             else:
-                self._report(task_id, request.attempt, Status.INPROGRESS)
-                outcome = run.wait()
+                if self._report(task_id, run.attempt, Status.INPROGRESS) is False:
+                    run.command.stop(NOT_OWNER)
+                outcome = run.command.wait()
         except Exception as exc:  # a task thread must always free its slot and report
             log.exception("task %s crashed the worker's runner", task_id)
             outcome = Outcome(1, f"worker error: {exc}")
         finally:
             with self._lock:
-                self._running.pop(task_id, None)
+                self._runs.pop(task_id, None)
         status = Status.COMPLETED if outcome.succeeded else Status.FAILED
         try:
-            self._report(task_id, request.attempt, status, outcome)
+            self._report(task_id, run.attempt, status, outcome)
         finally:
             with self._lock:
                 self._unfinished -= 1
                 self._idle.notify_all()
 
-    def _report(self, task_id: str, attempt: int, status: int, outcome: Outcome | None = None) -> None:
+    def _report(self, task_id: str, attempt: int, status: int, outcome: Outcome | None = None) -> bool | None:
+        """Sends a report; True if recorded, False if refused as stale, None if it could not be sent."""
         update = distrack_pb2.TaskStatusUpdate(
             task_id=task_id,
             worker_id=self.worker_id,
@@ -108,9 +168,15 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             attempt=attempt,
             exit_code=outcome.exit_code if outcome else 0,
             error=(outcome.error or "") if outcome else "",
+            cancelled=outcome.cancelled if outcome else False,
         )
         try:
-            if not self.coordinator.report(update):
-                log.info("coordinator ignored %s for %s (stale attempt %d)", Status.Name(status), task_id, attempt)
-        except grpc.RpcError as exc:
-            log.error("gave up reporting %s for %s: %s", Status.Name(status), task_id, exc.code())
+            recorded = self.coordinator.report(update)
+        except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel was closed at shutdown
+            code = exc.code().name if isinstance(exc, grpc.RpcError) else exc
+            log.error("gave up reporting %s for %s: %s", Status.Name(status), task_id, code)
+            return None
+        if not recorded:
+            log.info("coordinator refused %s for %s (attempt %d is not current)", Status.Name(status), task_id,
+                     attempt)
+        return recorded
