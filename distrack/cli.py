@@ -92,10 +92,10 @@ def _add_coordinator_tuning(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser,
         "retry_delay_s",
-        type=_positive(float),
+        type=_retry_delay,
         default=cfg.DEFAULT_RETRY_DELAY_S,
-        help="delay before the first retry of a failed task with attempts left; doubles each time "
-        "(default %(default)s)",
+        help="delay before the first retry of a failed task with attempts left; doubles each time, "
+        "with jitter, up to an hour (default %(default)s)",
     )
 
 
@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_worker_options(p)
     _add_heartbeat_interval(p)
+    _flag(p, "task_timeout_s", type=_non_negative, default=0.0,
+          help="time limit for tasks scheduled without timeout_seconds; 0 means none (default %(default)s)")
+    _flag(p, "shutdown_grace_s", type=_non_negative, default=cfg.DEFAULT_SHUTDOWN_GRACE_S,
+          help="on SIGTERM, how long running tasks may finish before they are stopped and handed back "
+               "(default %(default)s)")
 
     sub.add_parser(
         "migrate",
@@ -289,6 +294,7 @@ def _run(args: argparse.Namespace) -> int:
                 heartbeat_misses=args.heartbeat_misses,
                 ack_timeout_s=args.ack_timeout_s,
                 retry_delay_s=args.retry_delay_s,
+                fault_claim_delay_s=float(os.environ.get("DISTRACK_FAULT_CLAIM_DELAY_S") or 0),
             ),
             stop_on_signals(),
         )
@@ -305,6 +311,8 @@ def _run(args: argparse.Namespace) -> int:
                 slots=args.slots,
                 heartbeat_interval_s=args.heartbeat_interval_s,
                 advertise_host=os.environ.get("WORKER_ADDRESS", "").strip() or None,
+                task_timeout_s=args.task_timeout_s,
+                shutdown_grace_s=args.shutdown_grace_s,
             ),
             stop_on_signals(),
         )

@@ -115,6 +115,9 @@ class CoordinatorConfig:
     dispatch_timeout_s: float = 5.0
     # A task picked this long ago that no worker has reported started goes back to the queue.
     ack_timeout_s: float = 30.0
+    # Testing only (DISTRACK_FAULT_CLAIM_DELAY_S): a pause between a claim's commit and its dispatch,
+    # so fault-injection tests can kill the coordinator inside that window.
+    fault_claim_delay_s: float = 0.0
 
     @property
     def worker_ttl_s(self) -> float:

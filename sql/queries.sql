@@ -61,8 +61,8 @@ WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id
 RETURNING id;
 
 -- unclaim --
--- A dispatch no worker took: back to the queue as if never claimed, so it costs no attempt (or
--- cancelled, if that was asked meanwhile).
+-- A dispatch no worker took, or that no worker reported starting: back to the queue as if never
+-- claimed, so it costs no attempt (or cancelled, if that was asked meanwhile).
 UPDATE tasks
 SET status       = CASE WHEN cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
     cancelled_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
@@ -126,7 +126,7 @@ RETURNING t.id, t.status;
 
 -- orphaned_attempts --
 -- Attempts whose worker is gone: no heartbeat within the ttl, or not registered at all.
-SELECT t.id, t.attempts AS attempt, t.worker_id,
+SELECT t.id, t.attempts AS attempt, t.worker_id, t.status,
        EXTRACT(EPOCH FROM now() - w.last_seen_at)::double precision AS silent_s
 FROM tasks AS t
 LEFT JOIN workers AS w ON w.worker_id = t.worker_id

@@ -128,38 +128,47 @@ class Cluster:
         self.services.append(service)
         return service
 
-    def coordinator(self, *extra: str) -> Service:
-        service = self.start(
-            "coordinator",
-            [
-                "coordinator",
-                f"--coordinator_port=127.0.0.1:{self.coordinator_port}",
-                f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
-                "--poll_interval_s=0.5",
-                *extra,
-            ],
-        )
-        self.wait_port(self.coordinator_port, service)
+    def coordinator(self, *extra: str, port: int | None = None, env_extra: dict[str, str] | None = None) -> Service:
+        port = port or self.coordinator_port
+        self._counter += 1
+        name = "coordinator" if port == self.coordinator_port and not any(
+            s.name == "coordinator" for s in self.services) else f"coordinator{self._counter}"
+        service = self.start(name, [
+            "coordinator", f"--coordinator_port=127.0.0.1:{port}",
+            f"--heartbeat_interval_s={TEST_HEARTBEAT_S}", "--poll_interval_s=0.5", *extra,
+        ], {**self.env, **(env_extra or {})})
+        self.wait_port(port, service)
         return service
 
-    def worker(self, *extra: str, slots: int = 5) -> Service:
+    def worker(self, *extra: str, slots: int = 5, coordinator_port: int | None = None) -> Service:
         self._counter += 1
         port = free_port()
-        service = self.start(
-            f"worker{self._counter}",
-            [
-                "worker",
-                f"--worker_port=127.0.0.1:{port}",
-                f"--coordinator=127.0.0.1:{self.coordinator_port}",
-                f"--output_dir={self.output_dir}",
-                f"--slots={slots}",
-                f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
-                *extra,
-            ],
-        )
+        service = self.start(f"worker{self._counter}", [
+            "worker", f"--worker_port=127.0.0.1:{port}",
+            f"--coordinator=127.0.0.1:{coordinator_port or self.coordinator_port}",
+            f"--output_dir={self.output_dir}", f"--slots={slots}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
+            *extra,
+        ])
         service.port = port  # type: ignore[attr-defined]
         self.wait_port(port, service)
         return service
+
+    def worker_id(self, worker: Service) -> str:
+        """The id a worker process gave itself (from its first log line)."""
+        import re
+
+        match = wait_for(lambda: re.search(r"worker (\S+) listening", worker.log()), what="the worker's id")
+        return match.group(1)  # type: ignore[union-attr]
+
+    def wait_joined(self, count: int, timeout: float = 20.0) -> None:
+        """Waits until `count` workers are registered in the database."""
+        import psycopg
+
+        def joined() -> bool:
+            with psycopg.connect(self.db_url, autocommit=True) as conn:
+                return conn.execute("SELECT count(*) FROM workers").fetchone()[0] >= count
+
+        wait_for(joined, timeout, what=f"{count} worker(s) to join")
 
     def scheduler(self, *extra: str) -> Service:
         service = self.start(

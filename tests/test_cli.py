@@ -64,3 +64,17 @@ def test_bad_flags_exit_2_with_a_message(argv):
     out = subprocess.run([sys.executable, "-m", "distrack", *argv], capture_output=True, text=True)
     assert out.returncode == 2
     assert "error:" in out.stderr
+
+
+def test_worker_and_coordinator_reliability_flags():
+    args = build_parser().parse_args(["worker", "--task_timeout_s=2.5", "--shutdown_grace_s=0"])
+    assert (args.task_timeout_s, args.shutdown_grace_s) == (2.5, 0.0)
+    args = build_parser().parse_args(["coordinator", "--retry_delay_s=0.5", "--ack_timeout_s=3"])
+    assert (args.retry_delay_s, args.ack_timeout_s) == (0.5, 3.0)
+
+
+@pytest.mark.parametrize("argv", [["coordinator", "--retry_delay_s=3601"], ["worker", "--task_timeout_s=-1"],
+                                  ["worker", "--shutdown_grace_s=nan"]])
+def test_reliability_flags_out_of_range(argv):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)

@@ -144,15 +144,24 @@ def test_orphaned_attempts_of_silent_or_unknown_workers_are_found_and_ended(stor
     store.record_heartbeat("alive", "alive:1", 5, [])
     tasks = {t.id: t for t in store.claim_due(["dead", "dead", "alive"])}
     assert {t.worker_id for t in tasks.values()} == {"dead", "alive"}
+    for t in tasks.values():
+        store.mark_running(Attempt(t.id, t.attempt, t.worker_id))
     sql_conn.execute("UPDATE workers SET last_seen_at = now() - interval '20 seconds' WHERE worker_id = 'dead'")
     orphans = store.orphaned_attempts(9.0)
-    assert {a.task_id for a, _ in orphans} == {retry, last}
-    assert all(19 < silent <= 25 for _, silent in orphans)
-    ended = store.end_attempts([EndedAttempt(a, "lost") for a, _ in orphans], 1.0)
+    assert {a.task_id for a, _, _ in orphans} == {retry, last}
+    assert all(started and 19 < silent <= 25 for _, started, silent in orphans)
+    ended = store.end_attempts([EndedAttempt(a, "lost") for a, _, _ in orphans], 1.0)
     assert ended == {retry: "queued", last: "failed"}
-    assert store.get_task(alive)["status"] == "picked"
-    assert store.end_attempts([EndedAttempt(a, "again") for a, _ in orphans], 1.0) == {}  # fenced
+    assert store.get_task(alive)["status"] == "running"
+    assert store.end_attempts([EndedAttempt(a, "again") for a, _, _ in orphans], 1.0) == {}  # fenced
     assert [r["worker_id"] for r in store.delete_stale_workers(9.0)] == ["dead"]
+
+
+def test_attempts_of_a_worker_never_registered_are_orphans_that_had_not_started(store):
+    tid = store.insert_task("echo", 0)["id"]
+    claim_one(store, "phantom")
+    ((attempt, started, silent),) = store.orphaned_attempts(9.0)
+    assert (attempt.task_id, started, silent) == (tid, False, None)
 
 
 def test_unacknowledged_dispatches_are_found(store, sql_conn):

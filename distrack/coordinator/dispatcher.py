@@ -104,6 +104,8 @@ class Dispatcher:
         self._next_sweep = 0.0
         # Task ids whose cancel was announced by NOTIFY, or None meaning "look them all up".
         self._cancels: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.dispatched = 0  # tasks a worker accepted from this coordinator (logged at shutdown)
+        self._dispatched_lock = threading.Lock()
 
     # --- lifecycle
 
@@ -119,6 +121,7 @@ class Dispatcher:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True)
         self.clients.close()
+        log.info("dispatched %d task(s)", self.dispatched)
 
     def on_notify(self, channel: str, payload: str | None) -> None:
         """The Listener's callback: new tasks wake the loop; cancels are queued for it."""
@@ -178,21 +181,31 @@ class Dispatcher:
         self._next_refresh = snapshot_at + self.config.registry_refresh_s
 
     def _rescue(self) -> None:
-        ended = [
-            EndedAttempt(attempt, WORKER_LOST_ERROR.format(
-                worker_id=attempt.worker_id,
-                silent="ever" if silent_s is None else f"{silent_s:.1f} s"))
-            for attempt, silent_s in self.store.orphaned_attempts(self.config.worker_ttl_s)
-        ]
-        ended += [
-            EndedAttempt(attempt, UNACKNOWLEDGED_ERROR.format(worker_id=attempt.worker_id,
-                                                              ack_timeout_s=self.config.ack_timeout_s))
+        """Frees what lost workers and lost dispatches hold. An attempt that never started (picked)
+        goes back to the queue at no cost; one that was running has ended, unsuccessfully."""
+        ended: list[EndedAttempt] = []
+        never_started: list[tuple[Attempt, str]] = []
+        for attempt, started, silent_s in self.store.orphaned_attempts(self.config.worker_ttl_s):
+            reason = WORKER_LOST_ERROR.format(worker_id=attempt.worker_id,
+                                              silent="ever" if silent_s is None else f"{silent_s:.1f} s")
+            if started:
+                ended.append(EndedAttempt(attempt, reason))
+            else:
+                never_started.append((attempt, reason))
+        never_started += [
+            (attempt, UNACKNOWLEDGED_ERROR.format(worker_id=attempt.worker_id, ack_timeout_s=self.config.ack_timeout_s))
             for attempt in self.store.unacknowledged_attempts(self.config.ack_timeout_s)
         ]
         by_task = {e.attempt.task_id: e for e in ended}
         for task_id, status in self.store.end_attempts(ended, self.config.retry_delay_s).items():
             log.warning("rescued task %s: %s; now %s", task_id, by_task[task_id].error, status)
             self.registry.release(by_task[task_id].attempt.worker_id, str(task_id))
+        for attempt, reason in never_started:
+            if self.store.unclaim(attempt):
+                log.warning("rescued task %s before it started: %s; back in the queue", attempt.task_id, reason)
+                self.registry.release(attempt.worker_id, str(attempt.task_id))
+        if never_started:
+            self.wakeup.set()
         for row in self.store.delete_stale_workers(self.config.worker_ttl_s):
             log.warning("worker %s at %s removed after %.1f s of silence", row["worker_id"], row["address"],
                         row["silent_s"])
@@ -236,6 +249,9 @@ class Dispatcher:
             for worker in reservations:
                 self.registry.unreserve(worker.worker_id)
             raise
+        if claimed and self.config.fault_claim_delay_s:
+            log.warning("testing: pausing %.1f s between claim and dispatch", self.config.fault_claim_delay_s)
+            self._stop.wait(self.config.fault_claim_delay_s)
         by_id = {w.worker_id: w for w in reservations}
         unused: dict[str, int] = {}
         for worker in reservations:
@@ -264,6 +280,8 @@ class Dispatcher:
         )
         try:
             self.clients.stub(worker).SubmitTask(request, timeout=self.config.dispatch_timeout_s)
+            with self._dispatched_lock:
+                self.dispatched += 1
             return
         except grpc.RpcError as exc:
             code = exc.code()

@@ -200,10 +200,12 @@ class TaskStore:
 
     # --- the coordinator's side: rescue
 
-    def orphaned_attempts(self, ttl_s: float) -> list[tuple[Attempt, float | None]]:
-        """Attempts held by workers silent for longer than `ttl_s` (or unknown), with that silence."""
+    def orphaned_attempts(self, ttl_s: float) -> list[tuple[Attempt, bool, float | None]]:
+        """Attempts held by workers silent for longer than `ttl_s` (or unknown): each with whether it
+        had started (running) and how long the worker has been silent (None: never registered)."""
         rows = self._all("orphaned_attempts", {"ttl_s": ttl_s})
-        return [(Attempt(r["id"], r["attempt"], r["worker_id"]), r["silent_s"]) for r in rows]
+        return [(Attempt(r["id"], r["attempt"], r["worker_id"]), r["status"] == "running", r["silent_s"])
+                for r in rows]
 
     def unacknowledged_attempts(self, ack_timeout_s: float) -> list[Attempt]:
         rows = self._all("unacknowledged_attempts", {"ack_timeout_s": ack_timeout_s})

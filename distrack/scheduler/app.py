@@ -94,17 +94,18 @@ class StatusResource:
         resp.media = self._get(parse_task_id(task_id))
 
     def on_post_cancel(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        """200 once cancelled (also when it already was), 202 while a running attempt is being
-        stopped, 409 for a task that already finished."""
+        """200 when the task is cancelled (also when it already was), 202 when it was running and
+        its worker is stopping it, 409 when it had already finished. The code follows what the cancel
+        found; the body is the task as it is now (a stop may already have completed)."""
         tid = parse_task_id(task_id)
-        status = self.store.cancel_task(tid)
+        found = self.store.cancel_task(tid)
         doc = self._get(tid)
-        if status is None and doc["status"] in FINISHED:
+        if found is None and doc["status"] in FINISHED:
             raise falcon.HTTPConflict(
                 title="Task already finished",
                 description=f"task {tid} is {doc['status']}; only queued or running tasks can be cancelled",
             )
-        resp.status = falcon.HTTP_200 if doc["status"] == "cancelled" else falcon.HTTP_202
+        resp.status = falcon.HTTP_202 if found in ("picked", "running") else falcon.HTTP_200
         resp.media = doc
 
     def _get(self, task_id: uuid.UUID) -> dict[str, Any]:
