@@ -1,9 +1,10 @@
 -- Every statement distrack runs, by name. distrack/db/queries.py parses the `-- name --` headers
 -- once; only distrack/db/store.py executes them. Parameters are psycopg's %(name)s placeholders.
 --
--- Fencing: an attempt is owned by (worker_id, attempts) while the task is picked or running. Every
--- statement that moves an attempt on names that owner in its WHERE clause, so a late, repeated or
--- stale report or rescue changes nothing.
+-- Fencing: a dispatch is owned by (worker_id, lease) while the task is picked or running; the lease
+-- grows at every claim and is never reused. Every statement that moves an attempt on names that
+-- owner in its WHERE clause, so a late, repeated or stale dispatch, report or rescue changes nothing.
+-- `attempts` counts runs that started (mark_running), so a dispatch that never started costs none.
 
 -- insert_task --
 INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)
@@ -39,11 +40,11 @@ assigned AS (
     JOIN unnest(%(worker_ids)s::text[]) WITH ORDINALITY AS slot (worker_id, n) USING (n)
 )
 UPDATE tasks AS t
-SET status = 'picked', picked_at = now(), attempts = t.attempts + 1,
+SET status = 'picked', picked_at = now(), lease = t.lease + 1,
     worker_id = assigned.worker_id, exit_code = NULL
 FROM assigned
 WHERE t.id = assigned.id
-RETURNING t.id, t.command, t.attempts, t.timeout_seconds, t.scheduled_at, t.worker_id;
+RETURNING t.id, t.command, t.lease, t.attempts + 1 AS attempt, t.timeout_seconds, t.scheduled_at, t.worker_id;
 
 -- seconds_until_next_due --
 -- NULL when nothing is queued; zero or less when something is already due.
@@ -52,11 +53,11 @@ FROM tasks
 WHERE status = 'queued';
 
 -- reassign --
--- The worker refused the task outright (full, leaving or unreachable), so it never ran: the same
--- attempt goes to another worker.
+-- The dispatch to a worker failed. It cannot have started there (a start needs mark_running under
+-- that worker's name), so the same lease goes to another worker.
 UPDATE tasks
 SET worker_id = %(new_worker_id)s
-WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+WHERE id = %(id)s AND status = 'picked' AND lease = %(lease)s AND worker_id = %(worker_id)s
   AND cancel_requested_at IS NULL
 RETURNING id;
 
@@ -67,36 +68,36 @@ UPDATE tasks
 SET status       = CASE WHEN cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
     cancelled_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
     picked_at    = NULL,
-    attempts     = attempts - 1,
     worker_id    = NULL
-WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+WHERE id = %(id)s AND status = 'picked' AND lease = %(lease)s AND worker_id = %(worker_id)s
 RETURNING id;
 
 -- mark_running --
--- Refused once a cancel was asked: the worker then stops the run.
+-- The start fence: a worker runs the command only after this returns a row. Idempotent for the
+-- owner (a retried report whose answer was lost), refused to anyone else and once a cancel was asked.
 UPDATE tasks
-SET status = 'running', started_at = now()
-WHERE id = %(id)s AND status = 'picked' AND attempts = %(attempt)s AND worker_id = %(worker_id)s
+SET status     = 'running',
+    started_at = CASE WHEN status = 'picked' THEN now() ELSE started_at END,
+    attempts   = CASE WHEN status = 'picked' THEN attempts + 1 ELSE attempts END
+WHERE id = %(id)s AND status IN ('picked', 'running') AND lease = %(lease)s AND worker_id = %(worker_id)s
   AND cancel_requested_at IS NULL
-RETURNING id;
+RETURNING id, attempts;
 
 -- mark_completed --
 UPDATE tasks
-SET status = 'completed', completed_at = now(), started_at = coalesce(started_at, now()),
-    exit_code = %(exit_code)s, error = NULL
-WHERE id = %(id)s AND status IN ('picked', 'running') AND attempts = %(attempt)s
-  AND worker_id = %(worker_id)s
+SET status = 'completed', completed_at = now(), exit_code = %(exit_code)s, error = NULL
+WHERE id = %(id)s AND status = 'running' AND lease = %(lease)s AND worker_id = %(worker_id)s
 RETURNING id;
 
 -- end_attempts --
--- Ends attempts that did not succeed (a failed command, a timeout, a lost worker, a dispatch never
--- acknowledged), each only while it is still that worker's current attempt. A cancel asked for
--- makes it 'cancelled'; attempts left make it 'queued' again after an exponential backoff with
--- jitter, capped; otherwise it is 'failed'. FOR UPDATE re-checks the fence after any lock wait.
+-- Ends started attempts that did not succeed (a failed command, a timeout, a lost worker), each
+-- only while it is still that worker's current lease. A cancel asked for makes it 'cancelled';
+-- attempts left make it 'queued' again after an exponential backoff with jitter, capped; otherwise
+-- it is 'failed'. FOR UPDATE re-checks the fence after any lock wait.
 WITH ended AS (
     SELECT *
-    FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(worker_ids)s::text[], %(exit_codes)s::int[],
-                %(errors)s::text[]) AS e (id, attempt, worker_id, exit_code, error)
+    FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[], %(exit_codes)s::int[],
+                %(errors)s::text[]) AS e (id, lease, worker_id, exit_code, error)
 ),
 outcome AS (
     SELECT t.id, e.exit_code, e.error,
@@ -107,7 +108,7 @@ outcome AS (
                  %(max_retry_delay_s)s) AS backoff_s
     FROM tasks AS t
     JOIN ended AS e ON e.id = t.id
-    WHERE t.status IN ('picked', 'running') AND t.attempts = e.attempt AND t.worker_id = e.worker_id
+    WHERE t.status = 'running' AND t.lease = e.lease AND t.worker_id = e.worker_id
     FOR UPDATE OF t
 )
 UPDATE tasks AS t
@@ -126,7 +127,7 @@ RETURNING t.id, t.status;
 
 -- orphaned_attempts --
 -- Attempts whose worker is gone: no heartbeat within the ttl, or not registered at all.
-SELECT t.id, t.attempts AS attempt, t.worker_id, t.status,
+SELECT t.id, t.lease, t.worker_id, t.status,
        EXTRACT(EPOCH FROM now() - w.last_seen_at)::double precision AS silent_s
 FROM tasks AS t
 LEFT JOIN workers AS w ON w.worker_id = t.worker_id
@@ -136,12 +137,12 @@ WHERE t.status IN ('picked', 'running') AND t.worker_id IS NOT NULL
 -- unacknowledged_attempts --
 -- Picked, but never reported started within the bound: the dispatch, or the coordinator that made
 -- it, was lost.
-SELECT id, attempts AS attempt, worker_id
+SELECT id, lease, worker_id
 FROM tasks
 WHERE status = 'picked' AND picked_at <= now() - make_interval(secs => %(ack_timeout_s)s);
 
 -- worker_attempts --
-SELECT id, attempts AS attempt, worker_id
+SELECT id, lease, worker_id, status
 FROM tasks
 WHERE status IN ('picked', 'running') AND worker_id = %(worker_id)s;
 

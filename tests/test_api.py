@@ -45,7 +45,7 @@ def test_status_shows_lifecycle_fields_once_they_happen(client, store):
     assert {"exit_code", "worker_id", "error"} <= set(doc)
     assert not {"picked_at", "started_at", "completed_at", "failed_at"} & set(doc)
     (task,) = store.claim_due(["w1"])
-    attempt = Attempt(task.id, task.attempt, "w1")
+    attempt = Attempt(task.id, task.lease, "w1")
     store.mark_running(attempt)
     store.mark_completed(attempt, 0)
     doc = client.simulate_get("/status", params={"task_id": tid}).json
@@ -137,7 +137,7 @@ def test_cancel_a_queued_task(client):
 def test_cancel_a_running_task_is_accepted_while_its_worker_stops_it(client, store):
     tid = client.simulate_post("/schedule", json={"command": "sleep 100"}).json["task_id"]
     (task,) = store.claim_due(["w1"])
-    store.mark_running(Attempt(task.id, task.attempt, "w1"))
+    store.mark_running(Attempt(task.id, task.lease, "w1"))
     resp = client.simulate_post(f"/tasks/{tid}/cancel")
     assert resp.status_code == 202
     assert resp.json["status"] == "running" and "cancel_requested_at" in resp.json
@@ -147,7 +147,8 @@ def test_cancel_a_running_task_is_accepted_while_its_worker_stops_it(client, sto
 def test_cancel_a_finished_task_is_409(client, store):
     tid = client.simulate_post("/schedule", json={"command": "true"}).json["task_id"]
     (task,) = store.claim_due(["w1"])
-    store.mark_completed(Attempt(task.id, task.attempt, "w1"), 0)
+    store.mark_running(Attempt(task.id, task.lease, "w1"))
+    store.mark_completed(Attempt(task.id, task.lease, "w1"), 0)
     resp = client.simulate_post(f"/tasks/{tid}/cancel")
     assert resp.status_code == 409
     assert "is completed" in resp.json["description"]

@@ -13,7 +13,7 @@ from distrack.errors import DatabaseUnavailable, DataRejected
 def claim_one(store: TaskStore, worker_id: str = "w1") -> Attempt:
     (task,) = store.claim_due([worker_id])
     assert task.worker_id == worker_id
-    return Attempt(task.id, task.attempt, task.worker_id)
+    return Attempt(task.id, task.lease, task.worker_id)
 
 
 def test_insert_and_get(store):
@@ -31,7 +31,7 @@ def test_claim_takes_due_tasks_in_order_one_per_reserved_worker(store):
     claimed = store.claim_due(["a", "b", "a"])
     assert [t.id for t in claimed] == ids[:3]
     assert [t.worker_id for t in claimed] == ["a", "b", "a"]
-    assert all(t.attempt == 1 for t in claimed)
+    assert all(t.attempt == 1 and t.lease == 1 for t in claimed)
     assert [t.id for t in store.claim_due(["c"] * 10)] == ids[3:]
     assert store.claim_due(["c"]) == []
     assert store.claim_due([]) == []
@@ -64,20 +64,34 @@ def test_concurrent_claims_never_share_a_task(db_url, sql_conn):
     assert len(set(every)) == 2000
 
 
-def test_reports_are_fenced_by_attempt_and_worker(store):
+def test_reports_are_fenced_by_lease_and_worker(store):
     tid = store.insert_task("echo", 0)["id"]
     a = claim_one(store, "w1")
-    assert store.mark_running(Attempt(tid, a.attempt + 1, "w1")) is False  # wrong attempt
-    assert store.mark_running(Attempt(tid, a.attempt, "w2")) is False  # wrong worker
+    assert store.get_task(tid)["attempts"] == 0  # claimed is not started
+    assert store.mark_running(Attempt(tid, a.lease + 1, "w1")) is False  # wrong lease
+    assert store.mark_running(Attempt(tid, a.lease, "w2")) is False  # wrong worker
+    assert store.mark_completed(a, 0) is False  # not started: nothing to complete
     assert store.mark_running(a) is True
-    assert store.mark_running(a) is False  # not picked any more
-    assert store.mark_completed(Attempt(tid, a.attempt, "w2"), 0) is False
+    assert store.mark_running(a) is True  # the start fence is idempotent for its owner
+    assert store.get_task(tid)["attempts"] == 1
+    assert store.mark_completed(Attempt(tid, a.lease, "w2"), 0) is False
     assert store.mark_completed(a, 0) is True
+    assert store.mark_running(a) is False  # finished
     assert store.end_attempts([EndedAttempt(a, "late")], 1.0) == {}  # already final
     row = store.get_task(tid)
     assert (row["status"], row["exit_code"], row["worker_id"], row["error"]) == ("completed", 0, "w1", None)
     assert row["scheduled_at"] <= row["picked_at"] <= row["started_at"] <= row["completed_at"]
     assert row["failed_at"] is None
+
+
+def test_leases_are_never_reused(store):
+    store.insert_task("echo", 0)
+    first = claim_one(store, "w1")
+    assert store.unclaim(first) is True
+    second = claim_one(store, "w1")
+    assert second.lease == first.lease + 1
+    assert store.mark_running(first) is False  # the old dispatch can never start
+    assert store.mark_running(second) is True
 
 
 def test_failure_of_the_last_attempt_is_final(store):
@@ -110,7 +124,8 @@ def test_the_retry_delay_doubles_and_is_capped(db_url, sql_conn):
         # The 60th attempt: 1 s * 2^59 would overflow any timestamp; the cap holds it to 100 s.
         sql_conn.execute("UPDATE tasks SET attempts = 59 WHERE id = %s", (tid,))
         a = claim_one(store)
-        assert a.attempt == 60
+        store.mark_running(a)
+        assert store.get_task(tid)["attempts"] == 60
         assert store.end_attempts([EndedAttempt(a, "boom", 1)], 1.0) == {tid: "queued"}
         assert 99 < store.seconds_until_next_due() <= 100
     finally:
@@ -120,7 +135,7 @@ def test_the_retry_delay_doubles_and_is_capped(db_url, sql_conn):
 def test_unclaim_returns_the_task_without_costing_an_attempt(store):
     tid = store.insert_task("echo", 0)["id"]
     a = claim_one(store)
-    assert store.unclaim(Attempt(tid, a.attempt, "someone-else")) is False
+    assert store.unclaim(Attempt(tid, a.lease, "someone-else")) is False
     assert store.unclaim(a) is True
     assert store.unclaim(a) is False
     row = store.get_task(tid)
@@ -133,7 +148,7 @@ def test_reassign_moves_a_refused_attempt_to_another_worker(store):
     assert store.reassign(a, "w2") is True
     assert store.reassign(a, "w3") is False  # w1 no longer owns it
     assert store.mark_running(a) is False
-    assert store.mark_running(Attempt(tid, a.attempt, "w2")) is True
+    assert store.mark_running(Attempt(tid, a.lease, "w2")) is True
 
 
 def test_orphaned_attempts_of_silent_or_unknown_workers_are_found_and_ended(store, sql_conn):
@@ -145,7 +160,7 @@ def test_orphaned_attempts_of_silent_or_unknown_workers_are_found_and_ended(stor
     tasks = {t.id: t for t in store.claim_due(["dead", "dead", "alive"])}
     assert {t.worker_id for t in tasks.values()} == {"dead", "alive"}
     for t in tasks.values():
-        store.mark_running(Attempt(t.id, t.attempt, t.worker_id))
+        store.mark_running(Attempt(t.id, t.lease, t.worker_id))
     sql_conn.execute("UPDATE workers SET last_seen_at = now() - interval '20 seconds' WHERE worker_id = 'dead'")
     orphans = store.orphaned_attempts(9.0)
     assert {a.task_id for a, _, _ in orphans} == {retry, last}
@@ -224,6 +239,7 @@ def test_a_picked_task_cancelled_before_it_starts(store):
 def test_finished_tasks_cannot_be_cancelled(store):
     tid = store.insert_task("echo", 0)["id"]
     a = claim_one(store)
+    store.mark_running(a)
     store.mark_completed(a, 0)
     assert store.cancel_task(tid) is None
     assert store.get_task(tid)["status"] == "completed"

@@ -23,6 +23,7 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
         self.reports: list[distrack_pb2.TaskStatusUpdate] = []
         self.refuse_reports = 0
         self.refused = 0
+        self.deny_start: set[str] = set()  # tasks whose INPROGRESS is answered "not recorded"
 
     def Heartbeat(self, request, context):
         with self.lock:
@@ -36,7 +37,8 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
                 self.refused += 1
                 context.abort(grpc.StatusCode.UNAVAILABLE, "database down (test)")
             self.reports.append(request)
-        return distrack_pb2.TaskStatusAck(recorded=True)
+            denied = request.status == Status.INPROGRESS and request.task_id in self.deny_start
+        return distrack_pb2.TaskStatusAck(recorded=not denied)
 
     def statuses(self, task_id: str) -> list[int]:
         with self.lock:
@@ -96,10 +98,12 @@ def worker(coordinator, tmp_path):
         service.stop()
 
 
-def submit(stub, command: str, attempt: int = 1, timeout_seconds: float = 0) -> str:
-    task_id = str(uuid.uuid4())
+def submit(stub, command: str, attempt: int = 1, timeout_seconds: float = 0, lease: int = 7,
+           task_id: str | None = None) -> str:
+    task_id = task_id or str(uuid.uuid4())
     resp = stub.SubmitTask(
-        distrack_pb2.TaskRequest(task_id=task_id, command=command, attempt=attempt, timeout_seconds=timeout_seconds),
+        distrack_pb2.TaskRequest(task_id=task_id, command=command, attempt=attempt, timeout_seconds=timeout_seconds,
+                                 lease=lease),
         timeout=5,
     )
     assert resp.accepted
@@ -121,7 +125,30 @@ def test_reports_inprogress_then_completed_with_the_attempt(coordinator, worker)
     task_id = submit(stub, "echo hi", attempt=4)
     final = wait_for(lambda: coordinator.final(task_id), what="the final report")
     assert coordinator.statuses(task_id) == [Status.INPROGRESS, Status.COMPLETED]
-    assert final.attempt == 4 and final.exit_code == 0 and final.error == ""
+    assert final.attempt == 4 and final.lease == 7 and final.exit_code == 0 and final.error == ""
+
+
+def test_a_task_whose_start_is_not_recorded_never_runs(coordinator, worker, tmp_path):
+    # The start fence: a stale or duplicate dispatch must not run the command at all.
+    _, stub = worker()
+    marker = tmp_path / "ran"
+    task_id = str(uuid.uuid4())
+    coordinator.deny_start.add(task_id)
+    submit(stub, f"touch {marker}", task_id=task_id)
+    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(task_id), what="the start report")
+    submit(stub, "echo next")  # the slot came back
+    with pytest.raises(pytest.fail.Exception):
+        wait_for(marker.exists, timeout=1.0)
+    assert coordinator.statuses(task_id) == [Status.INPROGRESS]  # and no final report
+
+
+def test_a_dispatch_of_a_running_task_with_another_lease_is_refused(coordinator, worker):
+    _, stub = worker(slots=2)
+    task_id = submit(stub, "sleep 2", lease=1)
+    assert submit(stub, "sleep 2", lease=1, task_id=task_id) == task_id  # the same dispatch again: fine
+    with pytest.raises(grpc.RpcError) as info:
+        submit(stub, "sleep 2", lease=2, task_id=task_id)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 def test_refuses_a_task_beyond_its_slots_with_resource_exhausted(coordinator, worker):

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 LOCKED_ROWS_RETRY_S = 0.01
 # Backoff while the database is unreachable.
 DB_RETRY_MAX_S = 2.0
-# gRPC codes that prove the worker did not take the task (full, leaving, unreachable, or running an
-# older attempt of it): safe to give the same attempt to another worker.
+# The ordinary ways a worker says no (full, leaving or unreachable, running an older dispatch of
+# the task); other failures are logged louder.
 REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS}
 DISPATCH_THREADS = 16
 CANCEL_TIMEOUT_S = 5.0
@@ -270,12 +270,12 @@ class Dispatcher:
         future.add_done_callback(_log_failure)
 
     def _dispatch(self, task: ClaimedTask, worker: WorkerInfo, tried: frozenset[str]) -> None:
-        attempt = Attempt(task.id, task.attempt, worker.worker_id)
+        attempt = Attempt(task.id, task.lease, worker.worker_id)
         if self._stop.is_set():
             self._return_to_queue(attempt)
             return
         request = distrack_pb2.TaskRequest(
-            task_id=str(task.id), command=task.command, attempt=task.attempt,
+            task_id=str(task.id), command=task.command, attempt=task.attempt, lease=task.lease,
             timeout_seconds=task.timeout_seconds or 0.0,
         )
         try:
@@ -285,13 +285,11 @@ class Dispatcher:
             return
         except grpc.RpcError as exc:
             code = exc.code()
-            if code not in REFUSED_CODES:
-                # The worker may have taken it (a timeout, say): it keeps the slot and the task stays
-                # picked. An INPROGRESS report follows, or the acknowledgement deadline rescues it.
-                log.warning("dispatch of %s to %s ended with %s: %s", task.id, worker.worker_id, code.name,
-                            exc.details())
-                return
-            log.info("worker %s refused %s (%s); trying another", worker.worker_id, task.id, code.name)
+            # Whatever the failure, the worker cannot have started the task: a start needs the
+            # coordinator to record it under this worker's name and lease (the start fence), and the
+            # reassignment below takes that name away. So the same lease can go to another worker.
+            level = logging.INFO if code in REFUSED_CODES else logging.WARNING
+            log.log(level, "worker %s refused %s (%s); trying another", worker.worker_id, task.id, code.name)
         self.registry.release(worker.worker_id, str(task.id))
         self.registry.mark_refusing(worker.worker_id)
         tried = tried | {worker.worker_id}
@@ -312,7 +310,7 @@ class Dispatcher:
             return
         self.registry.confirm(next_worker.worker_id, str(task.id))
         self._dispatch(
-            ClaimedTask(task.id, task.command, task.attempt, task.timeout_seconds, task.scheduled_at,
+            ClaimedTask(task.id, task.command, task.lease, task.attempt, task.timeout_seconds, task.scheduled_at,
                         next_worker.worker_id),
             next_worker, tried,
         )

@@ -58,9 +58,13 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is required")
         try:
             self.store.delete_worker(request.worker_id)
-            left = [EndedAttempt(a, WORKER_LEFT_ERROR.format(worker_id=request.worker_id))
-                    for a in self.store.worker_attempts(request.worker_id)]
+            held = self.store.worker_attempts(request.worker_id)
+            left = [EndedAttempt(a, WORKER_LEFT_ERROR.format(worker_id=request.worker_id)) for a, started in held
+                    if started]
             self.store.end_attempts(left, self.config.retry_delay_s)
+            for attempt, started in held:
+                if not started:
+                    self.store.unclaim(attempt)
         except DatabaseUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         self.registry.remove(request.worker_id)
@@ -75,7 +79,7 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a status report needs worker_id")
         if request.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown task status {request.status}")
-        attempt = Attempt(task_id, request.attempt, request.worker_id)
+        attempt = Attempt(task_id, request.lease, request.worker_id)
         final = request.status in (Status.COMPLETED, Status.FAILED)
         if final:
             # The worker freed the slot before reporting; free it here even if the write below must
@@ -89,8 +93,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         except DataRejected as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not recorded:
-            log.info("stale %s report for %s attempt %d from %s refused",
-                     Status.Name(request.status), task_id, request.attempt, request.worker_id)
+            log.info("stale %s report for %s (lease %d) from %s refused",
+                     Status.Name(request.status), task_id, request.lease, request.worker_id)
         return distrack_pb2.TaskStatusAck(recorded=recorded)
 
     def _record(self, attempt: Attempt, request: distrack_pb2.TaskStatusUpdate) -> bool:

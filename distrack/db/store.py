@@ -32,7 +32,8 @@ MAX_RETRY_DELAY_S = 3600.0
 class ClaimedTask:
     id: uuid.UUID
     command: str
-    attempt: int
+    lease: int
+    attempt: int  # the number this attempt will have if it starts
     timeout_seconds: float | None
     scheduled_at: datetime
     worker_id: str
@@ -40,10 +41,10 @@ class ClaimedTask:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt of a task, as owned by one worker: the fence every change of it must name."""
+    """One dispatch of a task, as owned by one worker: the fence every change of it must name."""
 
     task_id: uuid.UUID
-    attempt: int
+    lease: int
     worker_id: str
 
 
@@ -151,7 +152,8 @@ class TaskStore:
             return []
         rows = self._all("claim_due", {"worker_ids": list(worker_ids)})
         tasks = [
-            ClaimedTask(r["id"], r["command"], r["attempts"], r["timeout_seconds"], r["scheduled_at"], r["worker_id"])
+            ClaimedTask(r["id"], r["command"], r["lease"], r["attempt"], r["timeout_seconds"], r["scheduled_at"],
+                        r["worker_id"])
             for r in rows
         ]
         # The order the statement paired tasks with workers in: confirming them in it keeps the turn.
@@ -163,22 +165,17 @@ class TaskStore:
         return None if row is None else row["seconds"]
 
     def reassign(self, attempt: Attempt, new_worker_id: str) -> bool:
-        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id,
-                  "new_worker_id": new_worker_id}
-        return self._one("reassign", params) is not None
+        return self._one("reassign", {**_fence(attempt), "new_worker_id": new_worker_id}) is not None
 
     def unclaim(self, attempt: Attempt) -> bool:
-        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id}
-        return self._one("unclaim", params) is not None
+        return self._one("unclaim", _fence(attempt)) is not None
 
     def mark_running(self, attempt: Attempt) -> bool:
-        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id}
-        return self._one("mark_running", params) is not None
+        """The start fence: True when the worker may (still) run it."""
+        return self._one("mark_running", _fence(attempt)) is not None
 
     def mark_completed(self, attempt: Attempt, exit_code: int) -> bool:
-        params = {"id": attempt.task_id, "attempt": attempt.attempt, "worker_id": attempt.worker_id,
-                  "exit_code": exit_code}
-        return self._one("mark_completed", params) is not None
+        return self._one("mark_completed", {**_fence(attempt), "exit_code": exit_code}) is not None
 
     def end_attempts(self, ended: Sequence[EndedAttempt], retry_delay_s: float) -> dict[uuid.UUID, str]:
         """Ends attempts that did not succeed; returns {task_id: new status} for those still current."""
@@ -188,7 +185,7 @@ class TaskStore:
             "end_attempts",
             {
                 "ids": [e.attempt.task_id for e in ended],
-                "attempts": [e.attempt.attempt for e in ended],
+                "leases": [e.attempt.lease for e in ended],
                 "worker_ids": [e.attempt.worker_id for e in ended],
                 "exit_codes": [e.exit_code for e in ended],
                 "errors": [e.error for e in ended],
@@ -204,16 +201,17 @@ class TaskStore:
         """Attempts held by workers silent for longer than `ttl_s` (or unknown): each with whether it
         had started (running) and how long the worker has been silent (None: never registered)."""
         rows = self._all("orphaned_attempts", {"ttl_s": ttl_s})
-        return [(Attempt(r["id"], r["attempt"], r["worker_id"]), r["status"] == "running", r["silent_s"])
+        return [(Attempt(r["id"], r["lease"], r["worker_id"]), r["status"] == "running", r["silent_s"])
                 for r in rows]
 
     def unacknowledged_attempts(self, ack_timeout_s: float) -> list[Attempt]:
         rows = self._all("unacknowledged_attempts", {"ack_timeout_s": ack_timeout_s})
-        return [Attempt(r["id"], r["attempt"], r["worker_id"]) for r in rows]
+        return [Attempt(r["id"], r["lease"], r["worker_id"]) for r in rows]
 
-    def worker_attempts(self, worker_id: str) -> list[Attempt]:
+    def worker_attempts(self, worker_id: str) -> list[tuple[Attempt, bool]]:
+        """What a worker holds, each with whether it started."""
         rows = self._all("worker_attempts", {"worker_id": worker_id})
-        return [Attempt(r["id"], r["attempt"], r["worker_id"]) for r in rows]
+        return [(Attempt(r["id"], r["lease"], r["worker_id"]), r["status"] == "running") for r in rows]
 
     # --- the coordinator's side: the shared worker registry
 
@@ -248,3 +246,7 @@ class TaskStore:
 
     def notify_queued(self) -> None:
         self._one("notify_queued")
+
+
+def _fence(attempt: Attempt) -> dict[str, Any]:
+    return {"id": attempt.task_id, "lease": attempt.lease, "worker_id": attempt.worker_id}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 # After SIGTERM, how long the process group gets before SIGKILL.
 KILL_GRACE_S = 2.0
+# The exit code reported for a run stopped before it began (as if ended by SIGTERM).
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,12 @@ class CommandRun:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Spawns the command; raises OSError when it cannot (say, the output file cannot be opened)."""
+        """Spawns the command, unless it was stopped first; raises OSError when it cannot (say, the
+        output file cannot be opened)."""
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output, "wb") as out:
+        with self._lock, open(self.output, "wb") as out:
+            if self._stopped_because is not None:
+                return
             self.proc = subprocess.Popen(
                 ["bash", "-c", self.command],
                 stdin=subprocess.DEVNULL,
@@ -64,7 +69,9 @@ class CommandRun:
             self._deadline = time.monotonic() + self.timeout_s
 
     def wait(self) -> Outcome:
-        assert self.proc is not None, "start() first"
+        if self.proc is None:  # stopped before it started
+            assert self._stopped_because is not None, "start() first"
+            return Outcome(STOPPED_EXIT_CODE, self._stopped_because, cancelled=self._cancelled)
         try:
             remaining = None if self._deadline is None else max(self._deadline - time.monotonic(), 0)
             returncode = self.proc.wait(remaining)
@@ -83,13 +90,16 @@ class CommandRun:
         return Outcome(returncode)
 
     def stop(self, reason: str, *, cancelled: bool = False) -> None:
-        """Ends the run early (TERM, then KILL); `wait()` then reports `reason` as the error."""
+        """Ends the run early (TERM, then KILL), or keeps it from starting; `wait()` then reports
+        `reason` as the error."""
         with self._lock:
-            if self._stopped_because is not None or self.proc is None:
+            if self._stopped_because is not None:
                 return
             self._stopped_because = reason
             self._cancelled = cancelled
-        threading.Thread(target=self.kill_group, name="stop-run", daemon=True).start()
+            started = self.proc is not None
+        if started:
+            threading.Thread(target=self.kill_group, name="stop-run", daemon=True).start()
 
     def kill_group(self) -> None:
         """TERM, then KILL after a grace period, to the whole process group."""

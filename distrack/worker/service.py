@@ -1,10 +1,11 @@
 """WorkerService: takes tasks from the coordinator while it has free slots and runs each on a thread.
 
-Each task's thread spawns the command, reports INPROGRESS, waits, frees the slot, then reports
-COMPLETED or FAILED. The slot is freed before the final report so the coordinator, which frees it on
-that report, never sees a slot it cannot use. A run is stopped early when it is cancelled, when the
-coordinator refuses its INPROGRESS (the attempt is no longer this worker's), when a heartbeat says
-so, or when the worker shuts down; its final report still goes out and ends the attempt.
+Each task's thread reports INPROGRESS and spawns the command only once the coordinator has recorded
+it (the start fence: a stale or duplicate dispatch never runs anything), waits, frees the slot, then
+reports COMPLETED or FAILED. The slot is freed before the final report so the coordinator, which
+frees it on that report, never sees a slot it cannot use. A run is stopped early when it is
+cancelled, when a heartbeat says this worker no longer owns it, or when the worker shuts down; its
+final report still goes out and ends the attempt.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SHUTDOWN = "stopped: the worker shut down before the task finished"
 @dataclass
 class Run:
     attempt: int
+    lease: int
     command: CommandRun
 
 
@@ -75,15 +77,15 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         with self._lock:
             run = self._runs.get(task_id)
             if run is not None:
-                if run.attempt == request.attempt:
+                if run.lease == request.lease:
                     return distrack_pb2.TaskResponse(accepted=True, message="already running")
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                              f"still running attempt {run.attempt} of this task")
+                              f"still running an older dispatch of this task (lease {run.lease})")
             if not self._accepting:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
             if len(self._runs) >= self.slots:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.slots} slot(s) are busy")
-            run = Run(request.attempt, self._command_run(task_id, request))
+            run = Run(request.attempt, request.lease, self._command_run(task_id, request))
             self._runs[task_id] = run
             self._unfinished += 1
         threading.Thread(target=self._run, args=(task_id, run), name=f"task-{task_id[:8]}", daemon=True).start()
@@ -135,37 +137,42 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         )
 
     def _run(self, task_id: str, run: Run) -> None:
-        outcome: Outcome
+        outcome: Outcome | None = None
         try:
+            if not self._report(task_id, run, Status.INPROGRESS):
+                # Not this worker's to run (stale, cancelled, or the coordinator stayed unreachable
+                # until shutdown): nothing started, so there is nothing to report either.
+                log.info("not starting %s: the coordinator did not record its start", task_id)
+                return
             try:
                 run.command.start()
             except OSError as exc:
                 outcome = Outcome(127, f"could not start the command: {exc}")
             else:
-                if self._report(task_id, run.attempt, Status.INPROGRESS) is False:
-                    run.command.stop(NOT_OWNER)
                 outcome = run.command.wait()
-        except Exception as exc:  # a task thread must always free its slot and report
+        except Exception as exc:  # a started task must always free its slot and report
             log.exception("task %s crashed the worker's runner", task_id)
             outcome = Outcome(1, f"worker error: {exc}")
         finally:
             with self._lock:
                 self._runs.pop(task_id, None)
-        status = Status.COMPLETED if outcome.succeeded else Status.FAILED
-        try:
-            self._report(task_id, run.attempt, status, outcome)
-        finally:
-            with self._lock:
-                self._unfinished -= 1
-                self._idle.notify_all()
+            try:
+                if outcome is not None:
+                    status = Status.COMPLETED if outcome.succeeded else Status.FAILED
+                    self._report(task_id, run, status, outcome)
+            finally:
+                with self._lock:
+                    self._unfinished -= 1
+                    self._idle.notify_all()
 
-    def _report(self, task_id: str, attempt: int, status: int, outcome: Outcome | None = None) -> bool | None:
+    def _report(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None) -> bool | None:
         """Sends a report; True if recorded, False if refused as stale, None if it could not be sent."""
         update = distrack_pb2.TaskStatusUpdate(
             task_id=task_id,
             worker_id=self.worker_id,
             status=status,
-            attempt=attempt,
+            attempt=run.attempt,
+            lease=run.lease,
             exit_code=outcome.exit_code if outcome else 0,
             error=(outcome.error or "") if outcome else "",
             cancelled=outcome.cancelled if outcome else False,
@@ -177,6 +184,6 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             log.error("gave up reporting %s for %s: %s", Status.Name(status), task_id, code)
             return None
         if not recorded:
-            log.info("coordinator refused %s for %s (attempt %d is not current)", Status.Name(status), task_id,
-                     attempt)
+            log.info("coordinator refused %s for %s (lease %d is not current)", Status.Name(status), task_id,
+                     run.lease)
         return recorded

@@ -1,4 +1,4 @@
--- distrack schema, version 2: a worker registry shared by every coordinator, and cancellation.
+-- distrack schema, version 2: a worker registry shared by every coordinator, leases, cancellation.
 --
 -- Idempotent and self-recording, like 0001: safe to apply by hand, from the postgres image's
 -- initdb folder, or with `distrack migrate`.
@@ -15,6 +15,12 @@ CREATE TABLE IF NOT EXISTS workers (
     joined_at    timestamptz NOT NULL DEFAULT now(),
     last_seen_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- The fencing token of a dispatch: one more at every claim, never reused. A worker may start a
+-- task only once the coordinator has recorded its start under the lease it was given, and every
+-- later change of that attempt names the lease, so no stale dispatch or report can act.
+-- `attempts` counts the runs that actually started.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lease bigint NOT NULL DEFAULT 0;
 
 -- A cancel of a task that is picked or running: the coordinators tell its worker to kill it, and
 -- the attempt then ends 'cancelled' rather than failed or retried.
