@@ -9,6 +9,11 @@ from psycopg_pool import ConnectionPool
 CONNECT_TIMEOUT_S = 3
 POOL_TIMEOUT_S = 3.0
 TCP_USER_TIMEOUT_MS = 15_000
+# psycopg_pool retries a lost connection with a backoff that doubles without a cap (1, 2, 4, 8 s...)
+# until this long has passed. A short value gives up early instead; the next request that needs a
+# connection then starts a fresh attempt at once, so a service answers again within a request or two
+# of the database's return, however long it was away.
+RECONNECT_TIMEOUT_S = 2.0
 
 
 def connection_kwargs() -> dict:
@@ -40,8 +45,7 @@ def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name:
         # A connection that died while idle (database restart) is replaced before anyone gets it.
         check=ConnectionPool.check_connection,
         timeout=POOL_TIMEOUT_S,
-        # Keep trying to reconnect for as long as the service runs.
-        reconnect_timeout=365 * 24 * 3600,
+        reconnect_timeout=RECONNECT_TIMEOUT_S,
         name=name,
         open=False,
     )
