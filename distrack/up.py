@@ -101,6 +101,9 @@ def _check_port_free(host: str, port: int, name: str) -> None:
         raise RuntimeError(f"the {name} needs a fixed port (0 is only for workers)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As servers do: connections of a previous run lingering in TIME_WAIT do not count, a
+        # listening socket still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host or "0.0.0.0", port))
         except OSError as exc:

@@ -165,3 +165,25 @@ def test_up_refuses_port_zero_for_the_scheduler(tmp_path, data_dir):
     )
     assert out.returncode == 1
     assert "the scheduler needs a fixed port" in out.stderr
+
+
+def test_a_port_with_connections_in_time_wait_is_free_for_up():
+    # What a previous `distrack up` leaves behind: the server side closed first, so its port has
+    # connections in TIME_WAIT. gunicorn and gRPC bind it all the same, so the port check must too.
+    import socket
+
+    from distrack.up import _check_port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    with pytest.raises(RuntimeError, match="Address already in use"):
+        _check_port_free("127.0.0.1", port, "scheduler")  # still listening: taken
+    accepted.close()
+    client.close()
+    server.close()
+    _check_port_free("127.0.0.1", port, "scheduler")  # only TIME_WAIT left: free
