@@ -83,6 +83,15 @@ WHERE id = %(id)s AND status IN ('picked', 'running') AND lease = %(lease)s AND 
   AND cancel_requested_at IS NULL
 RETURNING id, attempts;
 
+-- cancel_refused_start --
+-- mark_running refused because a cancel was asked: that was the owner's start (or its retry, the
+-- first answer lost), so nothing of it runs any more and the task is cancelled now.
+UPDATE tasks
+SET status = 'cancelled', cancelled_at = now()
+WHERE id = %(id)s AND status IN ('picked', 'running') AND lease = %(lease)s AND worker_id = %(worker_id)s
+  AND cancel_requested_at IS NOT NULL
+RETURNING id;
+
 -- mark_completed --
 UPDATE tasks
 SET status = 'completed', completed_at = now(), exit_code = %(exit_code)s, error = NULL
@@ -140,6 +149,15 @@ WHERE t.status IN ('picked', 'running') AND t.worker_id IS NOT NULL
 SELECT id, lease, worker_id
 FROM tasks
 WHERE status = 'picked' AND picked_at <= now() - make_interval(secs => %(ack_timeout_s)s);
+
+-- unlisted_runs --
+-- Running attempts of a live worker that its heartbeat no longer lists. A worker lists every task
+-- until its final report is acknowledged, so it has lost these (a report it gave up on). Only
+-- those started a while ago: a start recorded after the heartbeat was built is not listed yet.
+SELECT id, lease, worker_id
+FROM tasks
+WHERE worker_id = %(worker_id)s AND status = 'running' AND id <> ALL (%(task_ids)s::uuid[])
+  AND started_at < now() - make_interval(secs => %(grace_s)s);
 
 -- worker_attempts --
 SELECT id, lease, worker_id, status

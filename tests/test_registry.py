@@ -146,3 +146,12 @@ def test_release_and_unreserve_are_idempotent():
     reg.release("a", "t1")
     reg.unreserve("a", 3)
     assert reg.free_slots() == 1
+
+
+def test_heard_within_is_about_this_coordinators_own_heartbeats():
+    reg, clock = registry_with(("a", 5))
+    assert reg.heard_within("a", 1.0)
+    clock.now += 2
+    assert not reg.heard_within("a", 1.0)
+    reg.sync([live("b")], clock.now)
+    assert not reg.heard_within("b", 1.0)  # known only from the database

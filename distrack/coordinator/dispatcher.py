@@ -123,6 +123,10 @@ class Dispatcher:
         self.clients.close()
         log.info("dispatched %d task(s)", self.dispatched)
 
+    def note_db_failure(self) -> None:
+        """Something could not be written (a heartbeat, say): restart the wait before any rescue."""
+        self._db_ok_since = time.monotonic()
+
     def on_notify(self, channel: str, payload: str | None) -> None:
         """The Listener's callback: new tasks wake the loop; cancels are queued for it."""
         if channel == "distrack_cancel":
@@ -186,6 +190,8 @@ class Dispatcher:
         ended: list[EndedAttempt] = []
         never_started: list[tuple[Attempt, str]] = []
         for attempt, started, silent_s in self.store.orphaned_attempts(self.config.worker_ttl_s):
+            if self.registry.heard_within(attempt.worker_id, self.config.worker_ttl_s):
+                continue  # alive to this coordinator; its record in the database is just late
             reason = WORKER_LOST_ERROR.format(worker_id=attempt.worker_id,
                                               silent="ever" if silent_s is None else f"{silent_s:.1f} s")
             if started:
@@ -236,9 +242,9 @@ class Dispatcher:
         try:
             self.clients.stub(worker).CancelTask(distrack_pb2.CancelTaskRequest(task_id=str(task_id)),
                                                  timeout=CANCEL_TIMEOUT_S)
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, ValueError) as exc:  # ValueError: its channel was just closed
             # The next sweep (or the worker's heartbeat, which lists runs to stop) tries again.
-            log.warning("cancel of %s on %s: %s", task_id, worker.worker_id, exc.code().name)
+            log.warning("cancel of %s on %s: %s", task_id, worker.worker_id, _describe(exc))
 
     # --- claim and dispatch
 
@@ -259,7 +265,10 @@ class Dispatcher:
         for task in claimed:
             unused[task.worker_id] -= 1
             self.registry.confirm(task.worker_id, str(task.id))
-            self._submit_call(self._dispatch, task, by_id[task.worker_id], frozenset())
+            try:
+                self._submit_call(self._dispatch, task, by_id[task.worker_id])
+            except RuntimeError:  # the call pool shut down (stopping): hand the task back now
+                self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
         for worker_id, count in unused.items():
             if count:
                 self.registry.unreserve(worker_id, count)
@@ -269,51 +278,51 @@ class Dispatcher:
         future: Future = self._pool.submit(fn, *args)
         future.add_done_callback(_log_failure)
 
-    def _dispatch(self, task: ClaimedTask, worker: WorkerInfo, tried: frozenset[str]) -> None:
-        attempt = Attempt(task.id, task.lease, worker.worker_id)
-        if self._stop.is_set():
-            self._return_to_queue(attempt)
-            return
+    def _dispatch(self, task: ClaimedTask, worker: WorkerInfo) -> None:
+        """Sends the task to its worker; on any failure, passes the same lease to the next worker
+        with a free slot, until one takes it or none is left (then it goes back to the queue)."""
         request = distrack_pb2.TaskRequest(
             task_id=str(task.id), command=task.command, attempt=task.attempt, lease=task.lease,
             timeout_seconds=task.timeout_seconds or 0.0,
         )
-        try:
-            self.clients.stub(worker).SubmitTask(request, timeout=self.config.dispatch_timeout_s)
-            with self._dispatched_lock:
-                self.dispatched += 1
-            return
-        except grpc.RpcError as exc:
-            code = exc.code()
-            # Whatever the failure, the worker cannot have started the task: a start needs the
-            # coordinator to record it under this worker's name and lease (the start fence), and the
-            # reassignment below takes that name away. So the same lease can go to another worker.
-            level = logging.INFO if code in REFUSED_CODES else logging.WARNING
-            log.log(level, "worker %s refused %s (%s); trying another", worker.worker_id, task.id, code.name)
-        self.registry.release(worker.worker_id, str(task.id))
-        self.registry.mark_refusing(worker.worker_id)
-        tried = tried | {worker.worker_id}
-        picks = [] if self._stop.is_set() else self.registry.reserve(1, exclude=tried)
-        if not picks:
-            self._return_to_queue(attempt)
-            return
-        next_worker = picks[0]
-        try:
-            moved = self.store.reassign(attempt, next_worker.worker_id)
-        except DatabaseUnavailable as exc:
-            self.registry.unreserve(next_worker.worker_id)
-            log.warning("could not pass %s on (%s); the acknowledgement deadline will", task.id, exc)
-            return
-        if not moved:  # cancelled meanwhile, or rescued: nothing left to dispatch
-            self.registry.unreserve(next_worker.worker_id)
-            self._return_to_queue(attempt)
-            return
-        self.registry.confirm(next_worker.worker_id, str(task.id))
-        self._dispatch(
-            ClaimedTask(task.id, task.command, task.lease, task.attempt, task.timeout_seconds, task.scheduled_at,
-                        next_worker.worker_id),
-            next_worker, tried,
-        )
+        tried: set[str] = set()
+        while True:
+            attempt = Attempt(task.id, task.lease, worker.worker_id)
+            if self._stop.is_set():
+                self._return_to_queue(attempt)
+                return
+            try:
+                self.clients.stub(worker).SubmitTask(request, timeout=self.config.dispatch_timeout_s)
+                with self._dispatched_lock:
+                    self.dispatched += 1
+                return
+            except (grpc.RpcError, ValueError) as exc:  # ValueError: its channel was just closed
+                # Whatever the failure, the task cannot run there: a start needs the coordinator to
+                # record it under this worker's name and lease (the start fence), and reassigning
+                # takes that name off the row. If the worker did accept it, its start is refused.
+                refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
+                log.log(logging.INFO if refused else logging.WARNING, "worker %s refused %s (%s); trying another",
+                        worker.worker_id, task.id, _describe(exc))
+            self.registry.release(worker.worker_id, str(task.id))
+            self.registry.mark_refusing(worker.worker_id)
+            tried.add(worker.worker_id)
+            picks = [] if self._stop.is_set() else self.registry.reserve(1, exclude=tried)
+            if not picks:
+                self._return_to_queue(attempt)
+                return
+            next_worker = picks[0]
+            try:
+                moved = self.store.reassign(attempt, next_worker.worker_id)
+            except DatabaseUnavailable as exc:
+                self.registry.unreserve(next_worker.worker_id)
+                log.warning("could not pass %s on (%s); the acknowledgement deadline will", task.id, exc)
+                return
+            if not moved:  # cancelled meanwhile, or rescued: nothing left to dispatch
+                self.registry.unreserve(next_worker.worker_id)
+                self._return_to_queue(attempt)
+                return
+            self.registry.confirm(next_worker.worker_id, str(task.id))
+            worker = next_worker
 
     def _return_to_queue(self, attempt: Attempt) -> None:
         self.registry.release(attempt.worker_id, str(attempt.task_id))
@@ -322,6 +331,10 @@ class Dispatcher:
         except DatabaseUnavailable as exc:
             log.warning("could not return %s to the queue (%s); the acknowledgement deadline will",
                         attempt.task_id, exc)
+
+
+def _describe(exc: Exception) -> str:
+    return exc.code().name if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"
 
 
 def _log_failure(future: Future) -> None:

@@ -161,6 +161,12 @@ class WorkerRegistry:
         with self._lock:
             return sum(info.free_slots(now) for info in self._workers.values())
 
+    def heard_within(self, worker_id: str, seconds: float) -> bool:
+        """Whether this coordinator itself heard the worker's heartbeat in the last `seconds`."""
+        with self._lock:
+            info = self._workers.get(worker_id)
+            return info is not None and info.heard_at > 0 and self._clock() - info.heard_at < seconds
+
     def get(self, worker_id: str) -> WorkerInfo | None:
         with self._lock:
             return self._workers.get(worker_id)

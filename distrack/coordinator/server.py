@@ -27,7 +27,9 @@ SHUTDOWN_GRACE_S = 5.0
 
 def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
     """Runs the coordinator until `stop` is set."""
-    pool = make_pool(config.database_url, max_size=GRPC_THREADS // 2 + 2, name="coordinator")
+    # Enough for every gRPC handler and the dispatcher's threads at once, so a burst of heartbeats
+    # does not starve the dispatcher (or the other way round).
+    pool = make_pool(config.database_url, max_size=GRPC_THREADS + 4, name="coordinator")
     store = TaskStore(pool)
     registry = WorkerRegistry(refusal_backoff_s=config.heartbeat_interval_s)
     wakeup = threading.Event()

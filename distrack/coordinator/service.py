@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 
 import grpc
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 Status = distrack_pb2.TaskStatus
 WORKER_LEFT_ERROR = "worker {worker_id} left before finishing it"
+UNLISTED_ERROR = "worker {worker_id} no longer runs it (its report was lost)"
 
 
 class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
@@ -27,11 +29,15 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         registry: WorkerRegistry,
         config: CoordinatorConfig,
         wakeup: threading.Event,
+        on_db_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.config = config
         self.wakeup = wakeup
+        # Told when a heartbeat could not be recorded, so no worker is declared lost for silence
+        # the database never got to hear.
+        self.on_db_failure = on_db_failure
 
     def Heartbeat(self, request: distrack_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         if not request.worker_id or not request.address:
@@ -43,15 +49,27 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         try:
             if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):
                 log.info("worker %s joined at %s with %d slot(s)", request.worker_id, request.address, request.slots)
-            stop = self.store.runs_to_stop(request.worker_id, request.running_task_ids)
+            stop = self.store.runs_to_stop(request.worker_id, request.unfinished_task_ids)
+            self._end_unlisted_runs(request)
         except DatabaseUnavailable as exc:
             # The worker is alive all the same; the rescue waits for the database to be back a while.
             log.warning("heartbeat of %s not recorded: %s", request.worker_id, exc)
+            self.on_db_failure()
+            if self.registry.get(request.worker_id) is None:
+                return distrack_pb2.HeartbeatResponse()  # not on record: not dispatched to either
         if self.registry.heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):
             self.wakeup.set()
         if stop:
             log.info("telling %s to stop %s", request.worker_id, ", ".join(stop))
         return distrack_pb2.HeartbeatResponse(stop_task_ids=stop)
+
+    def _end_unlisted_runs(self, request: distrack_pb2.HeartbeatRequest) -> None:
+        grace_s = 2 * self.config.heartbeat_interval_s + 1.0
+        lost = self.store.unlisted_runs(request.worker_id, request.unfinished_task_ids, grace_s)
+        ended = [EndedAttempt(a, UNLISTED_ERROR.format(worker_id=request.worker_id)) for a in lost]
+        for task_id, status in self.store.end_attempts(ended, self.config.retry_delay_s).items():
+            log.warning("task %s: worker %s no longer runs it; now %s", task_id, request.worker_id, status)
+            self.registry.release(request.worker_id, str(task_id))
 
     def Deregister(self, request: distrack_pb2.DeregisterRequest, context: grpc.ServicerContext):
         if not request.worker_id:
@@ -99,7 +117,13 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
 
     def _record(self, attempt: Attempt, request: distrack_pb2.TaskStatusUpdate) -> bool:
         if request.status == Status.INPROGRESS:
-            return self.store.mark_running(attempt)
+            if self.store.mark_running(attempt):
+                return True
+            # Refused. If a cancel is why, the start (or the retry of one whose answer was lost) ends
+            # here: cancelled now, rather than left picked or running with nothing behind it.
+            if self.store.cancel_refused_start(attempt):
+                log.info("task %s cancelled before its start on %s", attempt.task_id, attempt.worker_id)
+            return False
         if request.status == Status.COMPLETED:
             return self.store.mark_completed(attempt, request.exit_code)
         error = request.error or f"exited with code {request.exit_code}"

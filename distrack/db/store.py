@@ -174,6 +174,10 @@ class TaskStore:
         """The start fence: True when the worker may (still) run it."""
         return self._one("mark_running", _fence(attempt)) is not None
 
+    def cancel_refused_start(self, attempt: Attempt) -> bool:
+        """After mark_running refused the owner because of a cancel: cancels the task now."""
+        return self._one("cancel_refused_start", _fence(attempt)) is not None
+
     def mark_completed(self, attempt: Attempt, exit_code: int) -> bool:
         return self._one("mark_completed", {**_fence(attempt), "exit_code": exit_code}) is not None
 
@@ -206,6 +210,10 @@ class TaskStore:
 
     def unacknowledged_attempts(self, ack_timeout_s: float) -> list[Attempt]:
         rows = self._all("unacknowledged_attempts", {"ack_timeout_s": ack_timeout_s})
+        return [Attempt(r["id"], r["lease"], r["worker_id"]) for r in rows]
+
+    def unlisted_runs(self, worker_id: str, listed: Sequence[str], grace_s: float) -> list[Attempt]:
+        rows = self._all("unlisted_runs", {"worker_id": worker_id, "task_ids": list(listed), "grace_s": grace_s})
         return [Attempt(r["id"], r["lease"], r["worker_id"]) for r in rows]
 
     def worker_attempts(self, worker_id: str) -> list[tuple[Attempt, bool]]:

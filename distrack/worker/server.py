@@ -50,13 +50,14 @@ class Heartbeats:
         reachable = True
         next_at = time.monotonic()
         while not self._stop.is_set():
-            request = distrack_pb2.HeartbeatRequest(
-                worker_id=self.service.worker_id,
-                address=self.address,
-                slots=self.service.advertised_slots(),
-                running_task_ids=self.service.running_task_ids(),
-            )
             try:
+                request = distrack_pb2.HeartbeatRequest(
+                    worker_id=self.service.worker_id,
+                    address=self.address,
+                    slots=self.service.advertised_slots(),
+                    running_task_ids=self.service.running_task_ids(),
+                    unfinished_task_ids=self.service.unfinished_task_ids(),
+                )
                 # Bounded so one slow answer does not push the next heartbeat late.
                 reply = self.client.heartbeat(request, timeout_s=max(self.interval_s, 1.0))
                 if not reachable:
@@ -68,6 +69,8 @@ class Heartbeats:
                 if reachable:
                     log.warning("heartbeat to %s failed: %s", self.client.target, exc.code().name)
                 reachable = False
+            except Exception:  # the heartbeat must go on: without it the worker is declared lost
+                log.exception("heartbeat failed")
             # A fixed rate: the interval runs from one heartbeat's start to the next one's.
             next_at = max(next_at + self.interval_s, time.monotonic())
             self._stop.wait(next_at - time.monotonic())

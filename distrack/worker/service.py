@@ -49,8 +49,9 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         self.default_timeout_s = default_timeout_s
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
-        # Tasks accepted whose final report has not been sent yet (a superset of _runs).
-        self._unfinished = 0
+        # Tasks accepted whose final report is not settled yet (a superset of _runs): heartbeats
+        # list them, so the coordinator can tell a report in flight from one that was lost.
+        self._unfinished: set[str] = set()
         self._accepting = True
         self._idle = threading.Condition(self._lock)
 
@@ -59,6 +60,10 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def running_task_ids(self) -> list[str]:
         with self._lock:
             return list(self._runs)
+
+    def unfinished_task_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._unfinished)
 
     def advertised_slots(self) -> int:
         """Zero once shutting down, so no coordinator counts on this worker any more."""
@@ -87,7 +92,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.slots} slot(s) are busy")
             run = Run(request.attempt, request.lease, self._command_run(task_id, request))
             self._runs[task_id] = run
-            self._unfinished += 1
+            self._unfinished.add(task_id)
         threading.Thread(target=self._run, args=(task_id, run), name=f"task-{task_id[:8]}", daemon=True).start()
         return distrack_pb2.TaskResponse(accepted=True)
 
@@ -116,7 +121,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def wait_idle(self, timeout_s: float) -> bool:
         """Waits until every accepted task has run and been reported; False if not within `timeout_s`."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout_s)
+            return self._idle.wait_for(lambda: not self._unfinished, timeout_s)
 
     def stop_all(self, timeout_s: float) -> bool:
         """Stops every run still going and waits (up to `timeout_s`) for their reports."""
@@ -162,7 +167,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                     self._report(task_id, run, status, outcome)
             finally:
                 with self._lock:
-                    self._unfinished -= 1
+                    self._unfinished.discard(task_id)
                     self._idle.notify_all()
 
     def _report(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None) -> bool | None:

@@ -1,0 +1,141 @@
+"""The coordinator's gRPC handlers, served in-process over a real database and called over a socket."""
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from distrack.config import CoordinatorConfig
+from distrack.coordinator.registry import WorkerRegistry
+from distrack.coordinator.service import CoordinatorService
+from distrack.db.pool import make_pool
+from distrack.db.store import Attempt, TaskStore
+from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+
+Status = distrack_pb2.TaskStatus
+
+
+class Served:
+    def __init__(self, store: TaskStore, db_url: str) -> None:
+        self.store = store
+        self.registry = WorkerRegistry()
+        self.db_failures = 0
+        config = CoordinatorConfig(database_url=db_url, heartbeat_interval_s=0.2)
+
+        def on_db_failure() -> None:
+            self.db_failures += 1
+
+        self.service = CoordinatorService(store, self.registry, config, threading.Event(), on_db_failure)
+        self.server = grpc.server(ThreadPoolExecutor(4))
+        distrack_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = distrack_pb2_grpc.CoordinatorStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0).wait()
+
+    def report(self, attempt: Attempt, status: int, **extra) -> bool:
+        update = distrack_pb2.TaskStatusUpdate(task_id=str(attempt.task_id), worker_id=attempt.worker_id,
+                                               status=status, lease=attempt.lease, **extra)
+        return self.stub.UpdateTaskStatus(update, timeout=5).recorded
+
+    def heartbeat(self, worker_id: str, running=(), unfinished=()) -> list[str]:
+        reply = self.stub.Heartbeat(distrack_pb2.HeartbeatRequest(
+            worker_id=worker_id, address=f"{worker_id}:1", slots=5, running_task_ids=list(running),
+            unfinished_task_ids=list(unfinished)), timeout=5)
+        return list(reply.stop_task_ids)
+
+
+@pytest.fixture
+def served(store, db_url):
+    s = Served(store, db_url)
+    yield s
+    s.close()
+
+
+def claim(store: TaskStore, worker_id: str = "w1") -> Attempt:
+    (task,) = store.claim_due([worker_id])
+    return Attempt(task.id, task.lease, worker_id)
+
+
+def test_a_start_refused_because_of_a_cancel_cancels_the_task_at_once(served, store):
+    tid = store.insert_task("sleep 100", 0)["id"]
+    a = claim(store)
+    store.cancel_task(tid)
+    assert served.report(a, Status.INPROGRESS) is False  # the worker must not start it
+    row = store.get_task(tid)
+    assert row["status"] == "cancelled" and row["attempts"] == 0
+
+
+def test_the_retry_of_a_start_whose_answer_was_lost_is_accepted(served, store):
+    tid = store.insert_task("sleep 100", 0)["id"]
+    a = claim(store)
+    assert served.report(a, Status.INPROGRESS) is True
+    assert served.report(a, Status.INPROGRESS) is True  # the same owner again: still fine
+    assert store.get_task(tid)["attempts"] == 1
+    # ...but once a cancel is asked, even the owner's retry stops it, and the task is cancelled.
+    store.cancel_task(tid)
+    assert served.report(a, Status.INPROGRESS) is False
+    assert store.get_task(tid)["status"] == "cancelled"
+
+
+def test_a_stale_report_is_refused_and_changes_nothing(served, store):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim(store)
+    served.report(a, Status.INPROGRESS)
+    stale = Attempt(tid, a.lease - 1, a.worker_id)
+    assert served.report(stale, Status.FAILED, exit_code=1) is False
+    assert served.report(Attempt(tid, a.lease, "someone-else"), Status.COMPLETED) is False
+    assert store.get_task(tid)["status"] == "running"
+    assert served.report(a, Status.COMPLETED) is True
+
+
+def test_a_heartbeat_ends_running_attempts_the_worker_no_longer_lists(served, store, sql_conn):
+    listed = store.insert_task("sleep 100", 0)["id"]
+    lost = store.insert_task("sleep 100", 0)["id"]
+    recent = store.insert_task("sleep 100", 0)["id"]
+    served.heartbeat("w1")
+    for _ in range(3):
+        served.report(claim(store), Status.INPROGRESS)
+    sql_conn.execute("UPDATE tasks SET started_at = now() - interval '1 minute' WHERE id <> %s", (recent,))
+    served.heartbeat("w1", running=[str(listed)], unfinished=[str(listed)])
+    assert store.get_task(listed)["status"] == "running"
+    assert store.get_task(recent)["status"] == "running"  # its start may postdate the heartbeat
+    row = store.get_task(lost)
+    assert row["status"] == "failed" and "no longer runs it" in row["error"]
+
+
+def test_a_heartbeat_lists_the_runs_to_stop(served, store):
+    mine = store.insert_task("sleep 100", 0)["id"]
+    a = claim(store)
+    served.report(a, Status.INPROGRESS)
+    stranger = str(uuid.uuid4())
+    assert served.heartbeat("w1", unfinished=[str(mine), stranger]) == [stranger]
+    store.cancel_task(mine)
+    assert served.heartbeat("w1", unfinished=[str(mine)]) == [str(mine)]
+
+
+def test_a_heartbeat_that_cannot_be_recorded_holds_back_the_rescue(db_url):
+    pool = make_pool("postgresql://nobody@127.0.0.1:1/none", max_size=1)
+    s = Served(TaskStore(pool), db_url)
+    try:
+        assert s.heartbeat("w1") == []
+        assert s.db_failures == 1
+        assert s.registry.get("w1") is None  # not on record, so not dispatched to
+    finally:
+        s.close()
+        pool.close()
+
+
+def test_malformed_reports_are_invalid_argument(served):
+    for update in (distrack_pb2.TaskStatusUpdate(task_id="nope", worker_id="w", status=Status.COMPLETED),
+                   distrack_pb2.TaskStatusUpdate(task_id=str(uuid.uuid4()), worker_id="", status=Status.COMPLETED),
+                   distrack_pb2.TaskStatusUpdate(task_id=str(uuid.uuid4()), worker_id="w", status=99)):
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.UpdateTaskStatus(update, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
