@@ -36,6 +36,16 @@ def _address(what: str, allow_zero: bool = True):  # noqa: ANN202
     return parse
 
 
+def _addresses(what: str):  # noqa: ANN202
+    def parse(text: str) -> tuple[cfg.Address, ...]:
+        try:
+            return cfg.parse_addresses(text, what=what)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _positive(kind: type):  # noqa: ANN202
     def parse(text: str) -> float | int:
         try:
@@ -195,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(
         p,
         "coordinator",
-        type=_address("coordinator address", allow_zero=False),
-        default=cfg.Address("", cfg.DEFAULT_COORDINATOR_PORT),
-        help="the coordinator to heartbeat and report to: ':8080' or 'host:8080' (default :8080)",
+        type=_addresses("coordinator address"),
+        default=(cfg.Address("", cfg.DEFAULT_COORDINATOR_PORT),),
+        help="the coordinator to heartbeat and report to: ':8080' or 'host:8080' (default :8080); "
+        "several, comma-separated, to fail over to the next while one is unreachable",
     )
     _add_worker_options(p)
     _add_heartbeat_interval(p)
@@ -305,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
 
         serve_worker(
             cfg.WorkerConfig(
-                coordinator=args.coordinator,
+                coordinators=args.coordinator,
                 listen=args.worker_port,
                 output_dir=args.output_dir,
                 slots=args.slots,

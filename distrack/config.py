@@ -64,6 +64,14 @@ def parse_address(text: str, *, what: str = "address", allow_zero: bool = False)
     return Address(host, int(port_text))
 
 
+def parse_addresses(text: str, *, what: str = "address") -> tuple[Address, ...]:
+    """A comma-separated list of addresses (`host1:8080,host2:8080`); port 0 is not allowed."""
+    parts = [p for p in (part.strip() for part in text.split(",")) if p]
+    if not parts:
+        raise ConfigError(f"{what} {text!r} names no address")
+    return tuple(parse_address(p, what=what) for p in parts)
+
+
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
     """`DATABASE_URL`, else a URL built from the seed's `POSTGRES_*` variables, else None."""
     env = os.environ if env is None else env
@@ -132,7 +140,8 @@ class CoordinatorConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    coordinator: Address = Address("", DEFAULT_COORDINATOR_PORT)
+    # The coordinators to heartbeat and report to: the first, then the next while it is unreachable.
+    coordinators: tuple[Address, ...] = (Address("", DEFAULT_COORDINATOR_PORT),)
     listen: Address = Address("", DEFAULT_WORKER_PORT)
     output_dir: str = "worker_output"
     slots: int = DEFAULT_SLOTS

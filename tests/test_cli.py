@@ -45,7 +45,7 @@ def test_seed_port_spellings(spelling, text, expected):
 
 def test_worker_defaults_match_the_seed():
     args = build_parser().parse_args(["worker"])
-    assert (args.worker_port, args.coordinator) == (Address("", 8000), Address("", 8080))
+    assert (args.worker_port, args.coordinator) == (Address("", 8000), (Address("", 8080),))
     assert (args.output_dir, args.slots) == ("worker_output", 5)
 
 
@@ -78,3 +78,10 @@ def test_worker_and_coordinator_reliability_flags():
 def test_reliability_flags_out_of_range(argv):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
+
+
+def test_a_worker_may_be_given_several_coordinators():
+    args = build_parser().parse_args(["worker", "--coordinator=c1:8080, c2:9090"])
+    assert args.coordinator == (Address("c1", 8080), Address("c2", 9090))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--coordinator=c1:8080,:0"])

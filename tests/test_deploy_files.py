@@ -309,8 +309,9 @@ def test_worker_is_internal_and_scalable(services):
 def test_worker_dials_the_coordinator_service(services):
     args = parse_cli(command_of(services["worker"]))
     coordinator_listen = port_of(parse_cli(command_of(services["coordinator"])).coordinator_port)
-    assert host_of(args.coordinator) == "coordinator"
-    assert port_of(args.coordinator) == coordinator_listen == DEFAULT_COORDINATOR_PORT
+    (coordinator,) = args.coordinator  # one coordinator service
+    assert host_of(coordinator) == "coordinator"
+    assert port_of(coordinator) == coordinator_listen == DEFAULT_COORDINATOR_PORT
 
 
 def test_worker_does_not_set_worker_address(compose, services):

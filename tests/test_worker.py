@@ -207,3 +207,28 @@ def test_sigterm_lets_the_running_task_finish_and_report(coordinator, worker):
 def test_worker_address_env_is_what_it_advertises(coordinator, worker):
     worker(env_extra={"WORKER_ADDRESS": "worker-7.example"})
     assert any(h.address.startswith("worker-7.example:") for h in coordinator.heartbeats)
+
+
+def test_a_worker_fails_over_to_the_next_coordinator(coordinator, tmp_path):
+    # The first coordinator in its list is down: heartbeats and reports go to the second.
+    import os
+
+    from helpers import free_port
+
+    dead_port = free_port()
+    port = free_port()
+    service = Service("failover-worker", [
+        "worker", f"--worker_port=127.0.0.1:{port}",
+        f"--coordinator=127.0.0.1:{dead_port},127.0.0.1:{coordinator.port}",
+        f"--output_dir={tmp_path / 'out'}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
+    ], dict(os.environ), tmp_path)
+    try:
+        wait_for(lambda: any(h.address.endswith(f":{port}") for h in coordinator.heartbeats), 20,
+                 what="a heartbeat through the second coordinator")
+        stub = distrack_pb2_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        task_id = submit(stub, "echo via-the-second")
+        final = wait_for(lambda: coordinator.final(task_id), what="the report through the second coordinator")
+        assert final.status == Status.COMPLETED
+        assert "switching to" in service.log()
+    finally:
+        service.stop()

@@ -80,13 +80,13 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
     """Runs a worker until `stop` is set, then shuts down gracefully."""
     server, port = grpc_server(config.listen, GRPC_THREADS)
     worker_id = new_worker_id(port)
-    address = advertised_address(config.listen, port, config.coordinator, config.advertise_host)
+    address = advertised_address(config.listen, port, config.coordinators[0], config.advertise_host)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Reports keep retrying through the shutdown grace; this event ends them once the worker is done.
     reports_stop = threading.Event()
     client = CoordinatorClient(
-        config.coordinator.dial_target(), report_retry_s=config.report_retry_s, stop=reports_stop
+        [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop
     )
     service = WorkerService(worker_id, config.slots, output_dir, client, default_timeout_s=config.task_timeout_s)
     distrack_pb2_grpc.add_WorkerServicer_to_server(service, server)
@@ -95,7 +95,7 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
         server.start()
         heartbeats.start()
         log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
-                 worker_id, port, address, client.target, config.slots, output_dir.resolve())
+                 worker_id, port, address, ",".join(client.targets), config.slots, output_dir.resolve())
         stop.wait()
     finally:
         # Order: take no new task (heartbeats now advertise no slot), let running ones finish within

@@ -260,3 +260,31 @@ def test_e_a_coordinator_uses_workers_that_heartbeat_elsewhere(cluster: Cluster,
     assert int(second.log().rsplit("dispatched ", 1)[1].split()[0]) >= 18
     assert all(len(runs) == 1 for runs in executions(log).values())
     assert os.path.exists(log)
+
+
+def test_e_kill_9_one_of_two_coordinators_loses_and_repeats_nothing(cluster: Cluster, fault_report, tmp_path):
+    row = fault_report("e. kill -9 one of two coordinators mid-load")
+    from helpers import free_port
+
+    log = tmp_path / "exec.log"
+    first = cluster.coordinator()
+    second_port = free_port()
+    cluster.coordinator(port=second_port)
+    both = f"--coordinator=127.0.0.1:{cluster.coordinator_port},127.0.0.1:{second_port}"
+    cluster.worker(both, slots=4)
+    cluster.worker(both, slots=4)
+    cluster.wait_joined(2)
+    task_ids = insert_tasks(cluster.db_url, record_command(log, "sleep 1"), 24)
+    with psycopg.connect(cluster.db_url, autocommit=True) as conn:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM tasks WHERE status = 'running'").fetchone()[0] >= 4,
+                 what="tasks running")
+    first.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    done_at = wait_all_final(cluster.db_url, task_ids, 60)
+    row.recovery_s = done_at - killed_at
+    finals = tally(row, cluster.db_url, task_ids, log, crashed_workers=set())
+    # The workers moved to the other coordinator: nobody was declared lost, nothing ran twice.
+    assert row.completed == 24 and row.lost == 0 and row.rerun == 0 and row.duplicated == 0
+    assert all(r["attempts"] == 1 for r in finals.values())
+    assert "switching to" in "".join(s.log() for s in cluster.services if s.name.startswith("worker"))
+    row.notes.append(f"workers given both coordinators; all 24 done {row.recovery_s:.1f} s after the kill")
