@@ -12,6 +12,14 @@ VALUES (%(id)s, %(command)s, now() + make_interval(secs => %(delay_seconds)s),
         %(max_attempts)s, %(timeout_seconds)s)
 RETURNING id, command, scheduled_at, status, attempts, max_attempts, timeout_seconds;
 
+-- insert_tasks --
+-- A batch in one statement: one transaction, and one NOTIFY from the statement-level trigger.
+INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)
+SELECT b.id, b.command, now() + make_interval(secs => b.delay_seconds), b.max_attempts, b.timeout_seconds
+FROM unnest(%(ids)s::uuid[], %(commands)s::text[], %(delays)s::float8[], %(max_attempts)s::int[],
+            %(timeouts)s::float8[]) AS b (id, command, delay_seconds, max_attempts, timeout_seconds)
+RETURNING id, command, scheduled_at, status, attempts, max_attempts, timeout_seconds;
+
 -- get_task --
 SELECT id, command, scheduled_at, picked_at, started_at, completed_at, failed_at,
        cancel_requested_at, cancelled_at,

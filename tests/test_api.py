@@ -158,3 +158,30 @@ def test_cancel_unknown_or_malformed_ids(client):
     assert client.simulate_post(f"/tasks/{uuid.uuid4()}/cancel").status_code == 404
     assert client.simulate_post("/tasks/nope/cancel").status_code == 400
     assert client.simulate_get(f"/tasks/{uuid.uuid4()}/cancel").status_code == 405
+
+
+def test_a_batch_is_stored_in_one_statement_with_one_wake_up(store, db_url):
+    import psycopg
+
+    client = falcon.testing.TestClient(create_app(store))  # the default 1 MiB body limit
+    tasks = [{"command": f"echo {i}", "delay_seconds": i % 3} for i in range(1000)]
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN distrack_task_queued")
+        resp = client.simulate_post("/tasks", json={"tasks": tasks})
+        notifies = list(listener.notifies(timeout=1.0, stop_after=2))
+    assert resp.status_code == 200
+    assert resp.json["count"] == 1000
+    assert [t["command"] for t in resp.json["tasks"]] == [t["command"] for t in tasks]  # the input's order
+    assert len(notifies) == 1
+    first = store.get_task(uuid.UUID(resp.json["tasks"][0]["task_id"]))
+    assert first["command"] == "echo 0" and first["status"] == "queued"
+
+
+def test_a_bad_batch_stores_nothing(client, store, db_url):
+    import psycopg
+
+    resp = client.simulate_post("/tasks", json={"tasks": [{"command": "fine"}, {"command": 5}]})
+    assert resp.status_code == 400 and "tasks[1]" in resp.json["description"]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+    assert client.simulate_get("/tasks").status_code == 405

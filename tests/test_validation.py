@@ -86,3 +86,39 @@ def test_task_id_parsing():
     for bad, message in [(None, "required"), ("", "required"), ("nope", "not a UUID"), ("1234", "not a UUID")]:
         with pytest.raises(InvalidInput, match=message):
             parse_task_id(bad)
+
+
+def test_a_batch_of_tasks_is_parsed_in_order():
+    from distrack.scheduler.validation import parse_batch_request
+
+    body = json.dumps({"tasks": [{"command": "a"}, {"command": "b", "delay_seconds": 2, "max_attempts": 3}]})
+    assert parse_batch_request(body.encode()) == [ScheduleRequest("a"), ScheduleRequest("b", 2.0, 3, None)]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({}, "tasks must be an array"),
+        ({"tasks": {}}, "tasks must be an array of task objects, not an object"),
+        ({"tasks": []}, "must not be empty"),
+        ({"tasks": ["echo"]}, "tasks[0] must be a JSON object"),
+        ({"tasks": [{"command": "ok"}, {"command": ""}]}, "tasks[1]: command must not be empty"),
+        ({"tasks": [{"command": "ok", "delay_seconds": -1}]}, "tasks[0]: delay_seconds must be between"),
+        ({"tasks": [{"command": "ok"}], "extra": 1}, "unknown field(s) 'extra'"),
+    ],
+)
+def test_a_bad_batch_is_rejected_whole_and_says_where(doc, message):
+    from distrack.scheduler.validation import parse_batch_request
+
+    with pytest.raises(InvalidInput) as info:
+        parse_batch_request(json.dumps(doc).encode())
+    assert message in str(info.value)
+
+
+def test_batch_size_limit():
+    from distrack.scheduler.validation import MAX_BATCH_TASKS, parse_batch_request
+
+    assert len(parse_batch_request(json.dumps({"tasks": [{"command": "x"}] * MAX_BATCH_TASKS}).encode())) == (
+        MAX_BATCH_TASKS)
+    with pytest.raises(InvalidInput, match="the limit is"):
+        parse_batch_request(json.dumps({"tasks": [{"command": "x"}] * (MAX_BATCH_TASKS + 1)}).encode())

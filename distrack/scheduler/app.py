@@ -15,9 +15,9 @@ import falcon
 
 from distrack.config import require_database_url
 from distrack.db.pool import make_pool
-from distrack.db.store import TaskStore
+from distrack.db.store import NewTask, TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
-from distrack.scheduler.validation import InvalidInput, parse_schedule_request, parse_task_id
+from distrack.scheduler.validation import InvalidInput, parse_batch_request, parse_schedule_request, parse_task_id
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 LIFECYCLE_TIMESTAMPS = ("picked_at", "started_at", "completed_at", "failed_at", "cancel_requested_at", "cancelled_at")
@@ -80,6 +80,19 @@ class ScheduleResource:
             timeout_seconds=request.timeout_seconds,
         )
         resp.media = task_json(row)
+
+
+class BatchResource:
+    def __init__(self, store: TaskStore, max_body_bytes: int) -> None:
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        requests = parse_batch_request(read_body(req, self.max_body_bytes))
+        rows = self.store.insert_tasks(
+            [NewTask(r.command, r.delay_seconds, r.max_attempts, r.timeout_seconds) for r in requests]
+        )
+        resp.media = {"count": len(rows), "tasks": [task_json(row) for row in rows]}
 
 
 class StatusResource:
@@ -148,6 +161,7 @@ def create_app(store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.req_options.strip_url_path_trailing_slash = True
     status = StatusResource(store)
     app.add_route("/schedule", ScheduleResource(store, max_body_bytes))
+    app.add_route("/tasks", BatchResource(store, max_body_bytes))
     app.add_route("/status", status)
     app.add_route("/tasks/{task_id}", status, suffix="task")
     app.add_route("/tasks/{task_id}/cancel", status, suffix="cancel")

@@ -14,6 +14,7 @@ MAX_DELAY_SECONDS = 366 * 24 * 3600  # a year (and a leap day): farther than tha
 MAX_ATTEMPTS = 100
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 SCHEDULE_FIELDS = ("command", "delay_seconds", "max_attempts", "timeout_seconds")
+MAX_BATCH_TASKS = 10_000  # with the 1 MiB body limit, batches of a few thousand short commands fit
 
 
 class InvalidInput(ValueError):
@@ -51,10 +52,38 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 
 def parse_schedule_request(body: bytes) -> ScheduleRequest:
+    return schedule_from_json(parse_json_object(body))
+
+
+def parse_batch_request(body: bytes) -> list[ScheduleRequest]:
+    """`{"tasks": [{...}, ...]}`: every task as for /schedule; one bad task rejects the whole batch."""
     data = parse_json_object(body)
+    unknown = sorted(set(data) - {"tasks"})
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown))}; expected 'tasks'")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        raise InvalidInput(f"tasks must be an array of task objects, not {_json_type(tasks)}")
+    if not tasks:
+        raise InvalidInput("tasks must not be empty")
+    if len(tasks) > MAX_BATCH_TASKS:
+        raise InvalidInput(f"{len(tasks)} tasks in one batch; the limit is {MAX_BATCH_TASKS}")
+    requests = []
+    for index, item in enumerate(tasks):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"tasks[{index}] must be a JSON object, not {_json_type(item)}")
+        try:
+            requests.append(schedule_from_json(item))
+        except InvalidInput as exc:
+            raise InvalidInput(f"tasks[{index}]: {exc}") from None
+    return requests
+
+
+def schedule_from_json(data: dict[str, Any]) -> ScheduleRequest:
     unknown = sorted(set(data) - set(SCHEDULE_FIELDS))
     if unknown:
-        raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown))}; expected {', '.join(SCHEDULE_FIELDS)}")
+        raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                           f"expected {', '.join(SCHEDULE_FIELDS)}")
     return ScheduleRequest(
         command=_command(data.get("command")),
         delay_seconds=_number(data.get("delay_seconds", 0), "delay_seconds", 0, MAX_DELAY_SECONDS),
