@@ -1,4 +1,5 @@
-"""Unit tests of distrack.bench's pure parts: no scheduler and no sockets needed."""
+"""Unit tests of the seed's single run (distrack.bench.single) and the shared parts: flags, statistics,
+the HTTP client. No scheduler and no sockets needed. The suites' parts: tests/test_bench_suites.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from distrack.bench import (
     ApiError,
     BenchConfig,
     SchedulerClient,
+    SuiteConfig,
     TransportError,
     build_result,
     format_latency,
@@ -63,6 +65,89 @@ def test_environment_sets_defaults_and_flags_win():
     assert (config.url, config.count, config.delay_s, config.concurrency) == ("http://other:8081", 100, 1.0, 3)
     config = parse_args(["-u", "http://mine:1", "-n", "7"], env=env)
     assert (config.url, config.count) == ("http://mine:1", 7)
+
+
+def test_suite_defaults_are_the_seeds_suite_variables():
+    config = parse_args(["--suite", "all"], env={})
+    assert config == SuiteConfig(
+        suites=("throughput", "latency", "sustained", "scaling"),
+        url=None,  # no -u: the suites start their own stack
+        count=100,
+        delay_s=1.0,
+        poll_interval_s=0.5,
+        timeout_s=120.0,
+        command="echo hello",
+        concurrency=10,
+        interval_ms=20.0,
+        workers=3,
+        rate=100.0,
+        duration_s=30.0,
+        reference_s=3.0,
+        throughput_s=5.0,
+    )
+
+
+def test_suite_environment_and_flags():
+    env = {"SCHEDULER_URL": "sched:9000", "NUM_TASKS": "300", "DELAY_SECONDS": "2", "CONCURRENCY": "16",
+           "WORKER_COUNT": "5"}
+    config = parse_args(["-s", "latency"], env=env)
+    assert isinstance(config, SuiteConfig)
+    assert (config.url, config.count, config.delay_s, config.concurrency, config.workers) == (
+        "http://sched:9000", 300, 2.0, 16, 5)
+    config = parse_args(["-s", "scaling", "-w", "2", "-n", "7", "--rate", "50", "--duration", "10", "-i", "5",
+                         "-c", "true", "--reference-s", "1", "--throughput-s", "2"], env=env)
+    assert (config.workers, config.count, config.rate, config.duration_s) == (2, 7, 50.0, 10.0)
+    assert (config.interval_ms, config.command, config.reference_s, config.throughput_s) == (5.0, "true", 1.0, 2.0)
+
+
+def test_worker_count_does_not_change_the_single_run():
+    assert isinstance(parse_args([], env={"WORKER_COUNT": "5"}), BenchConfig)
+
+
+@pytest.mark.parametrize(
+    ("text", "suites"),
+    [
+        ("all", ("throughput", "latency", "sustained", "scaling")),
+        ("scaling,latency", ("latency", "scaling")),  # canonical order
+        ("all,scale-rows", ("throughput", "latency", "sustained", "scaling", "scale-rows")),
+        ("scale-rows", ("scale-rows",)),
+        ("latency, latency", ("latency",)),
+    ],
+)
+def test_suite_names(text, suites):
+    assert parse_args(["--suite", text], env={}).suites == suites
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--suite", "speed"],
+        ["--suite", ","],
+        ["--workers", "2"],  # suite-only flags without --suite
+        ["--rate", "10"],
+        ["--duration", "5"],
+        ["--reference-s", "1"],
+        ["-s", "all", "-w", "0"],
+        ["-s", "all", "--rate", "0"],
+    ],
+)
+def test_suite_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, env={}, prog="benchmark.sh")
+    assert exc.value.code == 2
+    assert "benchmark.sh: error:" in capsys.readouterr().err
+
+
+def test_malformed_worker_count_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["-s", "scaling"], env={"WORKER_COUNT": "three"})
+    assert "--workers: $WORKER_COUNT" in capsys.readouterr().err
+
+
+def test_suite_summary_leaves_the_token_out():
+    summary = parse_args(["-s", "latency"], env={"DISTRACK_API_TOKEN": "s3cret"}).summary()
+    assert "s3cret" not in json.dumps(summary)
+    assert summary["suites"] == ["latency"]
 
 
 def test_token_comes_from_the_environment_and_is_not_shown():
@@ -330,7 +415,7 @@ def test_json_has_every_figure():
 
 
 def test_json_output_leaves_the_token_out():
-    summary = bench._config_summary(parse_args(["--json"], env={"DISTRACK_API_TOKEN": "s3cret"}))
+    summary = parse_args(["--json"], env={"DISTRACK_API_TOKEN": "s3cret"}).summary()
     assert "token" not in summary and "s3cret" not in json.dumps(summary)
     assert summary["count"] == 50
 

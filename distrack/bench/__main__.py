@@ -1,0 +1,7 @@
+"""`python -m distrack.bench`: see distrack.bench.cli."""
+
+import sys
+
+from distrack.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""What the machine spends: CPU from /proc/stat, this process's own CPU, the services' memory (RSS)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distrack.bench.stats import thirds
+
+# /proc/stat counts in clock ticks (USER_HZ), 100 a second on Linux.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# RSS is sampled twice a second: 60 samples over the 30 s sustained run, 20 in each third.
+RSS_SAMPLE_S = 0.5
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Seconds of CPU, summed over every core since boot."""
+
+    busy_s: float
+    total_s: float
+
+
+def parse_proc_stat(text: str) -> CpuTimes:
+    """The machine-wide `cpu` line of /proc/stat. Busy is user, nice, system, irq and softirq; idle
+    and iowait are idle; steal (time the hypervisor gave to other machines) is neither, since no
+    process here used it; guest time is already inside user and is not counted twice."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(value) for value in fields[1:9]] + [0] * (9 - len(fields))
+            user, nice, system, idle, iowait, irq, softirq, _steal = ticks[:8]
+            busy = user + nice + system + irq + softirq
+            return CpuTimes(busy / CLOCK_TICKS, (busy + idle + iowait) / CLOCK_TICKS)
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def read_cpu_times(path: str = "/proc/stat") -> CpuTimes | None:
+    """The machine's CPU times now, or None where there is no /proc/stat."""
+    try:
+        with open(path) as file:
+            return parse_proc_stat(file.read())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU spent over one measured window."""
+
+    wall_s: float
+    # Every process on the machine (the stack, PostgreSQL, the tasks, this load generator, anything else).
+    machine_busy_s: float | None
+    # This process only: the load generator, or the reference's driver.
+    client_s: float
+
+    def machine_ms_per(self, count: int) -> float | None:
+        if self.machine_busy_s is None or count <= 0:
+            return None
+        return self.machine_busy_s * 1000 / count
+
+    @property
+    def client_share(self) -> float:
+        """The load generator's CPU as a fraction of one core."""
+        return self.client_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 4),
+            "machine_busy_s": None if self.machine_busy_s is None else round(self.machine_busy_s, 4),
+            "client_s": round(self.client_s, 4),
+        }
+
+
+class CpuMeter:
+    """Starts counting when made; `stop()` gives the CpuUsage since."""
+
+    def __init__(self) -> None:
+        self._wall = time.monotonic()
+        self._client = time.process_time()
+        self._machine = read_cpu_times()
+
+    def stop(self) -> CpuUsage:
+        machine = read_cpu_times()
+        busy = None if machine is None or self._machine is None else machine.busy_s - self._machine.busy_s
+        return CpuUsage(time.monotonic() - self._wall, busy, time.process_time() - self._client)
+
+
+def machine_busy_fraction(window_s: float) -> float | None:
+    """How busy the machine's cores were, 0..1, over the next `window_s` seconds."""
+    before = read_cpu_times()
+    time.sleep(window_s)
+    after = read_cpu_times()
+    if before is None or after is None or after.total_s <= before.total_s:
+        return None
+    return (after.busy_s - before.busy_s) / (after.total_s - before.total_s)
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+def service_rss(pid: int) -> int | None:
+    """RSS in bytes of a service: its process plus children running the same program (gunicorn's
+    workers), not the shell commands a worker runs. None once the process is gone."""
+    import psutil  # installed with pgserver; only the suites need it
+
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        exe = process.exe()
+        for child in process.children():
+            try:
+                if child.exe() == exe:
+                    total += child.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+    except psutil.Error:
+        return None
+
+
+class RssSampler:
+    """Samples each service's RSS every RSS_SAMPLE_S in a background thread, from start() to stop()."""
+
+    def __init__(self, services: Mapping[str, int], interval_s: float = RSS_SAMPLE_S) -> None:
+        self.services = dict(services)
+        self.interval_s = interval_s
+        self.samples: list[dict[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict[str, int]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+    def _run(self) -> None:
+        while True:
+            sample = {name: rss for name, pid in self.services.items() if (rss := service_rss(pid)) is not None}
+            self.samples.append(sample)
+            if self._stop.wait(self.interval_s):
+                return
+
+
+@dataclass(frozen=True)
+class MemoryGrowth:
+    """A service's mean RSS over the first and over the last third of a run, in MiB."""
+
+    service: str
+    first_mib: float
+    last_mib: float
+    samples: int
+
+    @property
+    def growth_mib(self) -> float:
+        return self.last_mib - self.first_mib
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"service": self.service, "first_third_mib": round(self.first_mib, 2),
+                "last_third_mib": round(self.last_mib, 2), "growth_mib": round(self.growth_mib, 2),
+                "samples": self.samples}
+
+
+def memory_growth(samples: Sequence[Mapping[str, int]]) -> list[MemoryGrowth]:
+    """Per service (in order of first appearance), its first-third and last-third mean RSS. A service
+    with fewer than 3 samples (it vanished, or the run was too short) is left out."""
+    names: dict[str, None] = {}
+    for sample in samples:
+        names.update(dict.fromkeys(sample))
+    out = []
+    for name in names:
+        series = [sample[name] / MIB for sample in samples if name in sample]
+        means = thirds(series)
+        if means is not None:
+            out.append(MemoryGrowth(name, means[0], means[1], len(series)))
+    return out
