@@ -39,6 +39,18 @@ def wait_for(
         time.sleep(interval)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, exited but not yet reaped, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

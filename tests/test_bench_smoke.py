@@ -11,21 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_tiny_suite_run_prints_json_and_cleans_up(tmp_path):
@@ -72,6 +63,6 @@ def test_tiny_suite_run_prints_json_and_cleans_up(tmp_path):
 
     # Everything it started is stopped, and its temporary folder is gone.
     assert set(doc["services"]) == {"coordinator", "worker 1", "scheduler"}
-    assert not [pid for pid in doc["services"].values() if alive(pid)]
+    assert not [pid for pid in doc["services"].values() if pid_alive(pid)]
     work_dir = re.search(r"files in (\S+)\)", proc.stderr).group(1)
     assert not Path(work_dir).exists()

@@ -8,21 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Api, free_port, wait_for
+from helpers import Api, free_port, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is gone as far as we care once it is reaped or defunct.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 class Up:
