@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from distrack.db.queries import queries
 from distrack.errors import DatabaseUnavailable, DataRejected
+from distrack.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,6 @@ QUEUED_CHANNEL = "distrack_task_queued"
 CANCEL_CHANNEL = "distrack_cancel"
 # The longest wait before a retry, however many attempts came before.
 MAX_RETRY_DELAY_S = 3600.0
-
-
-@dataclass(frozen=True)
-class NewTask:
-    command: str
-    delay_seconds: float = 0.0
-    max_attempts: int = 1
-    timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +126,7 @@ class TaskStore:
         assert row is not None
         return row
 
-    def insert_tasks(self, tasks: Sequence[NewTask]) -> list[dict[str, Any]]:
+    def insert_tasks(self, tasks: Sequence[TaskSpec]) -> list[dict[str, Any]]:
         """Commits a batch of queued tasks in one statement (one wake-up); rows in the input's order."""
         ids = [uuid.uuid4() for _ in tasks]
         rows = self._all(

@@ -15,7 +15,7 @@ import falcon
 
 from distrack.config import require_database_url
 from distrack.db.pool import make_pool
-from distrack.db.store import NewTask, TaskStore
+from distrack.db.store import TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.scheduler.validation import InvalidInput, parse_batch_request, parse_schedule_request, parse_task_id
 
@@ -88,10 +88,7 @@ class BatchResource:
         self.max_body_bytes = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        requests = parse_batch_request(read_body(req, self.max_body_bytes))
-        rows = self.store.insert_tasks(
-            [NewTask(r.command, r.delay_seconds, r.max_attempts, r.timeout_seconds) for r in requests]
-        )
+        rows = self.store.insert_tasks(parse_batch_request(read_body(req, self.max_body_bytes)))
         resp.media = {"count": len(rows), "tasks": [task_json(row) for row in rows]}
 
 

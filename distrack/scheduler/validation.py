@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass
 from typing import Any
+
+from distrack.tasks import TaskSpec
 
 MAX_COMMAND_BYTES = 64 * 1024  # well under Linux's 128 KiB limit on one argv string (bash -c CMD)
 MAX_DELAY_SECONDS = 366 * 24 * 3600  # a year (and a leap day): farther than that is a mistake
@@ -21,12 +22,8 @@ class InvalidInput(ValueError):
     """The client's input is wrong; the message says how."""
 
 
-@dataclass(frozen=True)
-class ScheduleRequest:
-    command: str
-    delay_seconds: float = 0.0
-    max_attempts: int = 1
-    timeout_seconds: float | None = None
+# What /schedule (and each item of /tasks) parses into.
+ScheduleRequest = TaskSpec
 
 
 def _reject_constant(name: str) -> Any:
