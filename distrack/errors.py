@@ -24,7 +24,3 @@ class DataRejected(DistrackError):
 
 class MigrationError(DistrackError):
     """A migration could not be applied."""
-
-
-class TaskNotFound(DistrackError):
-    """No task has that id."""

@@ -229,8 +229,5 @@ WHERE status IN ('picked', 'running') AND cancel_requested_at IS NOT NULL;
 -- notify_cancel --
 SELECT pg_notify('distrack_cancel', %(id)s::text);
 
--- notify_queued --
-SELECT pg_notify('distrack_task_queued', '');
-
 -- ping --
 SELECT 1;

@@ -139,3 +139,11 @@ def test_malformed_reports_are_invalid_argument(served):
         with pytest.raises(grpc.RpcError) as info:
             served.stub.UpdateTaskStatus(update, timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_heartbeat_with_malformed_task_ids_is_invalid_argument(served):
+    for field in ("running_task_ids", "unfinished_task_ids"):
+        request = distrack_pb2.HeartbeatRequest(worker_id="w1", address="w1:1", slots=1, **{field: ["nope"]})
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.Heartbeat(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

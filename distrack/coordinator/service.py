@@ -42,9 +42,11 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
     def Heartbeat(self, request: distrack_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         if not request.worker_id or not request.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat needs worker_id and address")
-        running = [_uuid_or_none(t) for t in request.running_task_ids]
-        if None in running:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids must be UUIDs")
+        # Validated here, not by the database: unfinished_task_ids (a superset of the running ones)
+        # goes into SQL, where a malformed id would be a DataError rather than the caller's mistake.
+        listed = [*request.running_task_ids, *request.unfinished_task_ids]
+        if any(_uuid_or_none(t) is None for t in listed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids and unfinished_task_ids must be UUIDs")
         stop: list[str] = []
         try:
             if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):

@@ -32,7 +32,6 @@ class Listener:
         self.database_url = database_url
         self.channels = list(channels)
         self.on_notify = on_notify
-        self.connected = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="listen", daemon=True)
 
@@ -50,7 +49,6 @@ class Listener:
                 with psycopg.connect(self.database_url, **connection_kwargs()) as conn:
                     for channel in self.channels:
                         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                    self.connected.set()
                     for channel in self.channels:
                         self._deliver(channel, None)
                     delay = 0.1
@@ -59,8 +57,6 @@ class Listener:
                 if self._stop.is_set():
                     break
                 log.warning("LISTEN: %s; reconnecting in %.1f s", str(exc).strip(), delay)
-            finally:
-                self.connected.clear()
             self._stop.wait(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 

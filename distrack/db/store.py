@@ -269,9 +269,6 @@ class TaskStore:
     def cancels_pending(self) -> list[tuple[uuid.UUID, str | None]]:
         return [(r["id"], r["worker_id"]) for r in self._all("cancels_pending")]
 
-    def notify_queued(self) -> None:
-        self._one("notify_queued")
-
 
 def _fence(attempt: Attempt) -> dict[str, Any]:
     return {"id": attempt.task_id, "lease": attempt.lease, "worker_id": attempt.worker_id}

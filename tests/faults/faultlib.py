@@ -6,6 +6,7 @@ Executions are counted from an append-only log that every task command writes to
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,6 +30,24 @@ class FaultRow:
     duplicated: int = 0  # started twice or more outside crash windows (must be 0)
     recovery_s: float | None = None
     notes: list[str] = field(default_factory=list)
+
+
+class BackgroundLoop:
+    """A daemon thread running `_run` until `stop()`; `_run` loops while `self._stop` is not set."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
 
 def record_command(log: Path, then: str = "true") -> str:

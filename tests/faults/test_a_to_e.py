@@ -3,12 +3,11 @@ coordinators. Real processes, real signals; see conftest.py for how executions a
 
 import os
 import signal
-import threading
 import time
 
 import psycopg
 import pytest
-from faultlib import executions, final_rows, record_command, tally, wait_all_final
+from faultlib import BackgroundLoop, executions, final_rows, record_command, tally, wait_all_final
 from helpers import Api, Cluster, wait_for
 
 from distrack.db.embedded import EmbeddedPostgres
@@ -105,10 +104,11 @@ def test_b_kill_9_the_coordinator_between_claim_and_dispatch(cluster: Cluster, f
     row.notes.append("claimed-but-undispatched tasks go back after the acknowledgement deadline (1 s here)")
 
 
-class Load:
+class Load(BackgroundLoop):
     """Submits tasks from a thread until stopped, retrying each through 503s; counts what happened."""
 
     def __init__(self, api: Api, command: str, interval_s: float = 0.02) -> None:
+        super().__init__()
         self.api = api
         self.command = command
         self.interval_s = interval_s
@@ -116,15 +116,6 @@ class Load:
         self.unavailable = 0
         self.refused_other = 0
         self.first_accept_after_outage: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -2,11 +2,10 @@
 
 import random
 import signal
-import threading
 import time
 
 import pytest
-from faultlib import executions, record_command, tally, wait_all_final
+from faultlib import BackgroundLoop, executions, record_command, tally, wait_all_final
 from helpers import Cluster
 
 pytestmark = pytest.mark.slow
@@ -15,25 +14,17 @@ TASKS = 5000
 WORKERS = 3
 
 
-class Killer:
+class Killer(BackgroundLoop):
     """Every 1.5 to 3 s, SIGKILLs a random worker and starts a replacement, until stopped."""
 
     def __init__(self, cluster: Cluster, workers: list, seed: int) -> None:
+        super().__init__()
         self.cluster = cluster
         self.workers = workers
         self.random = random.Random(seed)
         self.killed_ids: set[str] = set()
         self.kills = 0
         self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
 
     def _run(self) -> None:
         try:
