@@ -119,7 +119,7 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S
-    # How long one SubmitTask call may take before the dispatcher tries another worker.
+    # How long one SubmitTasks call may take before the dispatcher tries another worker.
     dispatch_timeout_s: float = 5.0
     # A task picked this long ago that no worker has reported started goes back to the queue.
     ack_timeout_s: float = 30.0

@@ -30,15 +30,17 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
             self.heartbeats.append(request)
         return distrack_pb2.HeartbeatResponse()
 
-    def UpdateTaskStatus(self, request, context):
+    def ReportTasks(self, request, context):
+        # Refused or recorded as a whole, like a coordinator whose database is down or up.
         with self.lock:
             if self.refuse_reports > 0:
                 self.refuse_reports -= 1
                 self.refused += 1
                 context.abort(grpc.StatusCode.UNAVAILABLE, "database down (test)")
-            self.reports.append(request)
-            denied = request.status == Status.INPROGRESS and request.task_id in self.deny_start
-        return distrack_pb2.TaskStatusAck(recorded=not denied)
+            self.reports.extend(request.updates)
+            denied = [u.status == Status.INPROGRESS and u.task_id in self.deny_start for u in request.updates]
+        acks = [distrack_pb2.TaskStatusAck(recorded=not d) for d in denied]
+        return distrack_pb2.TaskStatusAcks(acks=acks)
 
     def statuses(self, task_id: str) -> list[int]:
         with self.lock:

@@ -1,7 +1,7 @@
 """The coordinator process: gRPC server, LISTEN thread and dispatcher, with one shutdown path.
 
 Concurrency: threads. gRPC handlers run on the server's thread pool, the dispatcher on its own
-thread (with a pool for SubmitTask calls), the listener on another; all share one psycopg pool.
+thread (with a pool for SubmitTasks calls), the listener on another; all share one psycopg pool.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The worker process: gRPC server, heartbeat thread and task threads, with one shutdown path.
 
-Concurrency: threads. SubmitTask runs on the gRPC server's pool and returns at once; each accepted
-task runs on its own thread (at most `slots`); one thread sends heartbeats.
+Concurrency: threads. SubmitTasks runs on the gRPC server's pool and returns at once; each accepted
+task runs on a thread of a pool of `slots`; one thread sends status reports, one heartbeats.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from distrack.config import WorkerConfig
 from distrack.process import grpc_server
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.worker.identity import advertised_address, new_worker_id
-from distrack.worker.reporter import CoordinatorClient
+from distrack.worker.reporter import CoordinatorClient, ReportBatcher
 from distrack.worker.service import NOT_OWNER, WorkerService
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
     client = CoordinatorClient(
         [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop
     )
-    service = WorkerService(worker_id, config.slots, output_dir, client, default_timeout_s=config.task_timeout_s)
+    reports = ReportBatcher(client).start()
+    service = WorkerService(worker_id, config.slots, output_dir, reports, default_timeout_s=config.task_timeout_s)
     distrack_pb2_grpc.add_WorkerServicer_to_server(service, server)
     heartbeats = Heartbeats(client, service, address, config.heartbeat_interval_s)
     try:
@@ -111,5 +112,7 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
         client.deregister(worker_id)
         server.stop(grace=1.0).wait()
         reports_stop.set()
+        reports.close()
+        service.close()
         client.close()
-        log.info("worker %s stopped", worker_id)
+        log.info("worker %s stopped (%d status report(s) sent in %d call(s))", worker_id, reports.sent, reports.calls)
