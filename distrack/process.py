@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from distrack.config import Address
+from distrack.transport import TransportSecurity, add_port, server_interceptors
 
 # Refuse to share a port: grpc sets SO_REUSEPORT by default, which would let a second worker bind
 # the same port silently and steal half its connections.
@@ -27,15 +28,20 @@ def setup_logging(service: str) -> None:
     )
 
 
-def grpc_server(listen: Address, threads: int) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to `listen` (not started); returns it with the port it got."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=GRPC_SERVER_OPTIONS)
+def grpc_server(listen: Address, threads: int,
+                security: TransportSecurity | None = None) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to `listen` (not started), secured as `security` says; returns it with the
+    port it got."""
+    security = security or TransportSecurity()
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=GRPC_SERVER_OPTIONS,
+                         interceptors=server_interceptors(security))
     try:
-        port = server.add_insecure_port(listen.bind_target())
+        port = add_port(server, listen.bind_target(), security)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {listen.bind_target()}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {listen.bind_target()} (address in use?)")
+    logging.getLogger(__name__).info("gRPC on port %d: %s", port, security.describe())
     return server, port
 
 

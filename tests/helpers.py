@@ -122,10 +122,12 @@ class Cluster:
         self.workdir = workdir
         self.output_dir = workdir / "worker_output"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "WORKER_ADDRESS"))}
-        # Task commands inherit the marker, so the ones a killed worker orphaned can be found.
+        # Task commands get the marker (allow-listed into their clean environment), so the ones a
+        # killed worker orphaned can be found.
         self.marker = f"DISTRACK_TEST_CLUSTER={uuid.uuid4().hex}"
         self.env.update(DATABASE_URL=db_url, PYTHONUNBUFFERED="1", DISTRACK_LOG_LEVEL="INFO",
-                        DISTRACK_TEST_CLUSTER=self.marker.split("=", 1)[1])
+                        DISTRACK_TEST_CLUSTER=self.marker.split("=", 1)[1],
+                        DISTRACK_TASK_ENV_ALLOW="DISTRACK_TEST_CLUSTER")
         self.services: list[Service] = []
         self.coordinator_port = free_port()
         self.scheduler_port = free_port()

@@ -10,7 +10,7 @@ import logging
 import threading
 
 from distrack.config import CoordinatorConfig
-from distrack.coordinator.dispatcher import Dispatcher
+from distrack.coordinator.dispatcher import Dispatcher, WorkerClients
 from distrack.coordinator.registry import WorkerRegistry
 from distrack.coordinator.service import CoordinatorService
 from distrack.db.listener import Listener
@@ -33,9 +33,9 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
     store = TaskStore(pool)
     registry = WorkerRegistry(refusal_backoff_s=config.heartbeat_interval_s)
     wakeup = threading.Event()
-    dispatcher = Dispatcher(store, registry, config, wakeup)
+    dispatcher = Dispatcher(store, registry, config, wakeup, WorkerClients(config.security))
     listener = Listener(config.database_url, [QUEUED_CHANNEL, CANCEL_CHANNEL], dispatcher.on_notify)
-    server, port = grpc_server(config.listen, GRPC_THREADS)
+    server, port = grpc_server(config.listen, GRPC_THREADS, config.security)
     distrack_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, registry, config, wakeup), server)
     try:
         server.start()

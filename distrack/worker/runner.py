@@ -36,11 +36,12 @@ class CommandRun:
     """One running command. `start()` spawns it, `wait()` returns its Outcome, `stop()` ends it early."""
 
     def __init__(self, command: str, output: Path, timeout_s: float | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
         self.command = command
         self.output = output
         self.timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
         self.env = dict(env) if env is not None else None
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self._deadline: float | None = None
         self._stopped_because: str | None = None
@@ -60,6 +61,7 @@ class CommandRun:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                cwd=self.cwd,
                 # Its own process group, so a timeout or cancel can kill everything it started.
                 start_new_session=True,
                 close_fds=True,

@@ -16,6 +16,8 @@ import grpc
 from distrack.config import WorkerConfig
 from distrack.process import grpc_server
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.transport import describe_rpc_error
+from distrack.worker.environment import TaskEnvironment, prepare_task_dir
 from distrack.worker.identity import advertised_address, new_worker_id
 from distrack.worker.reporter import CoordinatorClient
 from distrack.worker.service import NOT_OWNER, WorkerService
@@ -67,7 +69,7 @@ class Heartbeats:
                     self.service.stop_runs(list(reply.stop_task_ids), NOT_OWNER)
             except grpc.RpcError as exc:
                 if reachable:
-                    log.warning("heartbeat to %s failed: %s", self.client.target, exc.code().name)
+                    log.warning("heartbeat to %s failed: %s", self.client.target, describe_rpc_error(exc))
                 reachable = False
             except Exception:  # the heartbeat must go on: without it the worker is declared lost
                 log.exception("heartbeat failed")
@@ -78,7 +80,8 @@ class Heartbeats:
 
 def serve(config: WorkerConfig, stop: threading.Event) -> None:
     """Runs a worker until `stop` is set, then shuts down gracefully."""
-    server, port = grpc_server(config.listen, GRPC_THREADS)
+    task_env = TaskEnvironment(prepare_task_dir(config.task_dir), config.task_env_allow)
+    server, port = grpc_server(config.listen, GRPC_THREADS, config.security)
     worker_id = new_worker_id(port)
     address = advertised_address(config.listen, port, config.coordinators[0], config.advertise_host)
     output_dir = Path(config.output_dir)
@@ -86,9 +89,11 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
     # Reports keep retrying through the shutdown grace; this event ends them once the worker is done.
     reports_stop = threading.Event()
     client = CoordinatorClient(
-        [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop
+        [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop,
+        security=config.security,
     )
-    service = WorkerService(worker_id, config.slots, output_dir, client, default_timeout_s=config.task_timeout_s)
+    service = WorkerService(worker_id, config.slots, output_dir, client, default_timeout_s=config.task_timeout_s,
+                            task_env=task_env)
     distrack_pb2_grpc.add_WorkerServicer_to_server(service, server)
     heartbeats = Heartbeats(client, service, address, config.heartbeat_interval_s)
     try:
@@ -96,6 +101,7 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
         heartbeats.start()
         log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
                  worker_id, port, address, ",".join(client.targets), config.slots, output_dir.resolve())
+        task_env.log_summary()
         stop.wait()
     finally:
         # Order: take no new task (heartbeats now advertise no slot), let running ones finish within

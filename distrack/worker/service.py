@@ -11,7 +11,6 @@ final report still goes out and ends the attempt.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.worker.environment import TaskEnvironment
 from distrack.worker.reporter import CoordinatorClient
 from distrack.worker.runner import CommandRun, Outcome, output_path
 
@@ -40,9 +40,11 @@ class Run:
 class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def __init__(
         self, worker_id: str, slots: int, output_dir: Path, coordinator: CoordinatorClient,
-        *, default_timeout_s: float = 0.0,
+        *, default_timeout_s: float = 0.0, task_env: TaskEnvironment | None = None,
     ) -> None:
         self.worker_id = worker_id
+        # Never the worker's own environment, even when the caller gives no task environment.
+        self.task_env = task_env or TaskEnvironment(Path.cwd())
         self.slots = slots
         self.output_dir = output_dir
         self.coordinator = coordinator
@@ -131,14 +133,12 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
     # --- one task
 
     def _command_run(self, task_id: str, request: distrack_pb2.TaskRequest) -> CommandRun:
-        # The task learns who it is: handy for idempotent commands and for counting executions.
-        env = dict(os.environ, DISTRACK_TASK_ID=task_id, DISTRACK_ATTEMPT=str(request.attempt),
-                   DISTRACK_WORKER_ID=self.worker_id)
         return CommandRun(
             request.command,
             output_path(self.output_dir, self.worker_id, task_id),
             request.timeout_seconds or self.default_timeout_s,
-            env,
+            self.task_env.for_task(task_id, request.attempt, self.worker_id),
+            cwd=self.task_env.task_dir,
         )
 
     def _run(self, task_id: str, run: Run) -> None:
