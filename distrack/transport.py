@@ -111,7 +111,8 @@ def load_security(
         token = _check_token(token.strip(), TOKEN_ENV)
     cert_pem = key_pem = ca_pem = None
     if cert_file or key_file:
-        cert_pem, key_pem = load_cert_pair(cert_file, key_file, what="TLS", cert_env=CERT_ENV, key_env=KEY_ENV)
+        cert_pem, key_pem = load_cert_pair(cert_file, key_file, what="TLS", cert_env=f"{CERT_ENV} (--tls_cert)",
+                                           key_env=f"{KEY_ENV} (--tls_key)")
     if ca_file:
         ca_pem = load_ca(ca_file)
     if server_name and not (cert_pem or ca_pem):

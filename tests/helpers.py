@@ -154,7 +154,8 @@ class Cluster:
         self.wait_port(port, service)
         return service
 
-    def worker(self, *extra: str, slots: int = 5, coordinator_port: int | None = None) -> Service:
+    def worker(self, *extra: str, slots: int = 5, coordinator_port: int | None = None,
+               env_extra: dict[str, str] | None = None) -> Service:
         self._counter += 1
         port = free_port()
         service = self.start(f"worker{self._counter}", [
@@ -162,7 +163,7 @@ class Cluster:
             f"--coordinator=127.0.0.1:{coordinator_port or self.coordinator_port}",
             f"--output_dir={self.output_dir}", f"--slots={slots}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
             *extra,
-        ])
+        ], {**self.env, **(env_extra or {})})
         service.port = port  # type: ignore[attr-defined]
         self.wait_port(port, service)
         return service

@@ -155,8 +155,8 @@ def test_tls_settings_are_read_and_checked(pki):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"cert_file": "server.cert"}, "DISTRACK_TLS_CERT is set but DISTRACK_TLS_KEY is not"),
-        ({"key_file": "server.key"}, "DISTRACK_TLS_KEY is set but DISTRACK_TLS_CERT is not"),
+        ({"cert_file": "server.cert"}, r"DISTRACK_TLS_CERT \(--tls_cert\) is set but DISTRACK_TLS_KEY"),
+        ({"key_file": "server.key"}, r"DISTRACK_TLS_KEY \(--tls_key\) is set but DISTRACK_TLS_CERT"),
         ({"cert_file": "missing", "key_file": "server.key"}, "cannot read the TLS certificate"),
         ({"cert_file": "server.cert", "key_file": "missing"}, "cannot read the TLS key"),
         ({"cert_file": "not_pem", "key_file": "server.key"}, "is not PEM"),

@@ -113,8 +113,6 @@ def prepare_task_dir(path: str) -> Path:
     """The task directory, absolute and created (with its parents); OSError if it cannot be."""
     task_dir = Path(path).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(task_dir, os.W_OK | os.X_OK):
-        raise PermissionError(f"the task directory {task_dir} is not writable by this worker")
     return task_dir
 
 
