@@ -13,6 +13,7 @@ import os
 import secrets
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -25,6 +26,7 @@ import pytest
 from certs import CertificateAuthority
 from helpers import TEST_HEARTBEAT_S, Api, Service, free_port, wait_for
 
+from distrack import up
 from distrack.cli import main
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import TransportSecurity, add_port, client_channel, load_security, server_interceptors
@@ -348,6 +350,8 @@ def test_the_scheduler_serves_https_with_its_certificate(cluster, pki):
     req = urllib.request.Request(f"{base}/schedule", data=b'{"command": "true"}', method="POST")
     with urllib.request.urlopen(req, context=context, timeout=10) as resp:
         assert resp.status == 200 and json.loads(resp.read())["status"] == "queued"
+    # `distrack up` sees it come up too (its probe does not need the CA).
+    up._wait_for_http(f"{base}/health", up.Child("scheduler", [], base), time.monotonic() + 10)
     # A client that does not trust the CA stops at the handshake; plain HTTP gets no answer.
     with pytest.raises(urllib.error.URLError) as info:
         urllib.request.urlopen(f"{base}/health", context=ssl.create_default_context(), timeout=10)
