@@ -7,11 +7,17 @@ is what shows the refusal comes from the check and not from something else in th
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import secrets
+import shutil
+import signal
 import ssl
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -386,3 +392,60 @@ def test_a_task_runs_in_its_directory_with_a_clean_environment(cluster, tmp_path
     for hidden in ("DATABASE_URL", "POSTGRES_PASSWORD", "DISTRACK_CLUSTER_TOKEN", "NOT_ALLOWED", "PYTHONUNBUFFERED"):
         assert hidden not in env, hidden
     assert TOKEN not in out and "hunter2" not in out and cluster.db_url not in out
+
+
+
+# How a task would read a process's environment; the task's own shell is the control.
+READ_ENVIRON = """
+if cat /proc/$PPID/environ > /dev/null 2>&1; then echo WORKER_ENVIRON=read; else echo WORKER_ENVIRON=refused; fi
+if cat /proc/$$/environ > /dev/null 2>&1; then echo OWN_ENVIRON=read; else echo OWN_ENVIRON=refused; fi
+"""
+
+
+def test_a_task_cannot_read_the_workers_own_environment_in_proc(tmp_path):
+    # As an ordinary user, as workers should run: root (here) has CAP_SYS_PTRACE and reads anything.
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    home = Path(tempfile.mkdtemp(prefix="distrack-shield-"))
+    home.chmod(0o777)
+    coordinator = AcceptingCoordinator()
+    server = grpc.server(ThreadPoolExecutor(2), interceptors=server_interceptors(TransportSecurity(token=TOKEN)))
+    distrack_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    coordinator_port = add_port(server, "127.0.0.1:0", TransportSecurity())
+    server.start()
+    port = free_port()
+    env = dict(os.environ, DISTRACK_CLUSTER_TOKEN=TOKEN, DATABASE_URL="postgresql://distrack:hunter2@db/distrack")
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*as_user, sys.executable, "-m", "distrack", "worker", f"--worker_port=127.0.0.1:{port}",
+             f"--coordinator=127.0.0.1:{coordinator_port}", f"--output_dir={home / 'out'}",
+             f"--heartbeat_interval_s={TEST_HEARTBEAT_S}", "--shutdown_grace_s=1"],
+            env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        wait_for(lambda: coordinator.heartbeats, 20, what="the worker's first heartbeat")
+        task_id = str(uuid.uuid4())
+        reply = worker_stub(port, TransportSecurity(token=TOKEN)).SubmitTask(
+            distrack_pb2.TaskRequest(task_id=task_id, command=READ_ENVIRON, attempt=1, lease=1), timeout=5)
+        assert reply.accepted
+        wait_for(lambda: any(r.task_id == task_id and r.status == Status.COMPLETED for r in coordinator.reports),
+                 what="the task to complete")
+        (output,) = (home / "out").glob(f"*_{task_id}.txt")
+        out = output.read_text()
+        # The read works on a process that is not shielded (the task's own shell)...
+        assert "OWN_ENVIRON=read" in out, out
+        # ...and not on the worker, whose environment holds DATABASE_URL and the token.
+        assert "WORKER_ENVIRON=refused" in out, out
+        assert "non-dumpable" not in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop(0).wait()
+        shutil.rmtree(home, ignore_errors=True)
