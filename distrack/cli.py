@@ -295,9 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distrack.process import setup_logging
+    from distrack.process import setup_logging, shield_process
 
     setup_logging(args.command)
+    if not shield_process():
+        log.warning("could not make this process non-dumpable: tasks run as its user may read its environment")
     try:
         return _run(args)
     except ConfigError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -17,6 +18,26 @@ from distrack.transport import TransportSecurity, add_port, server_interceptors
 # Refuse to share a port: grpc sets SO_REUSEPORT by default, which would let a second worker bind
 # the same port silently and steal half its connections.
 GRPC_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+PR_SET_DUMPABLE = 4
+
+
+def shield_process() -> bool:
+    """Makes this process non-dumpable: the kernel then gives its /proc files to root, so the tasks
+    a worker runs (as the same ordinary user) can neither read /proc/<pid>/environ of any distrack
+    process, where DATABASE_URL or the cluster token may be, nor attach a debugger to it. Children
+    that execute another program (task commands, gunicorn's re-exec, `distrack up`'s services) get
+    the flag reset by the kernel; forked ones (gunicorn workers) keep it. A worker run as root gives
+    its tasks root, which reads anything anyway. Returns whether it took effect (Linux only); side
+    effect: no core dumps.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def setup_logging(service: str) -> None:

@@ -449,3 +449,15 @@ def test_a_task_cannot_read_the_workers_own_environment_in_proc(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         server.stop(0).wait()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_every_distrack_command_shields_its_process_first(tmp_path):
+    # The other services hold secrets too, and a task may run as their user (as under distrack up).
+    probe = ("import ctypes, sys\nfrom distrack.cli import main\nrc = main(sys.argv[1:])\n"
+             "print(rc, ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")  # PR_GET_DUMPABLE
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("POSTGRES_")}
+    for command in ("coordinator", "scheduler", "migrate", "worker"):
+        argv = [command] + (["--cluster_token_file=/nonexistent"] if command == "worker" else [])
+        out = subprocess.run([sys.executable, "-c", probe, *argv], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+        assert out.stdout.split() == ["2", "0"], (command, out.stdout, out.stderr)

@@ -10,21 +10,19 @@ The allow-list takes names and shell-style patterns (`AWS_*`). distrack's own cr
 learns at once; a pattern just does not match them. A pattern that brings in a name that looks like
 a secret is logged, so a broad pattern cannot leak one quietly.
 
-A task runs as the worker's user, which would let it read the worker's own environment from
-/proc/<worker pid>/environ; `shield_worker_process` closes that (see its docstring). Beyond that this
-keeps secrets out of a task's way but is not a sandbox: a task can read whatever the worker's user
-can read (the token file, the TLS key), so run the worker as a user, or in a container, that holds
-only what its tasks may see.
+A task runs as the worker's user, which would let it read the environment of every distrack
+process of that user in /proc/<pid>/environ; `distrack.process.shield_process` closes that. Beyond
+that, this keeps secrets out of a task's way but is not a sandbox: a task can read whatever the
+worker's user can read (the token file, the TLS key), so run the worker as a user, or in a
+container, that holds only what its tasks may see.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fnmatch
 import logging
 import os
 import pwd
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -118,25 +116,6 @@ def prepare_task_dir(path: str) -> Path:
     task_dir = Path(path).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
     return task_dir
-
-
-PR_SET_DUMPABLE = 4
-
-
-def shield_worker_process() -> bool:
-    """Makes this process non-dumpable: the kernel then gives its /proc files to root, so its tasks
-    (the same ordinary user) can neither read /proc/<worker pid>/environ, where DATABASE_URL or the
-    cluster token may be, nor attach a debugger to it. The flag is reset when a task's command is
-    executed, so tasks themselves are unaffected. A worker run as root gives its tasks root, which
-    reads it anyway (tests/test_security.py shows both). Returns whether it took effect (Linux only);
-    side effect: no core dump of the worker.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def _user_name() -> str | None:

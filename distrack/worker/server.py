@@ -17,7 +17,7 @@ from distrack.config import WorkerConfig
 from distrack.process import grpc_server
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import describe_rpc_error
-from distrack.worker.environment import TaskEnvironment, prepare_task_dir, shield_worker_process
+from distrack.worker.environment import TaskEnvironment, prepare_task_dir
 from distrack.worker.identity import advertised_address, new_worker_id
 from distrack.worker.reporter import CoordinatorClient
 from distrack.worker.service import NOT_OWNER, WorkerService
@@ -81,8 +81,6 @@ class Heartbeats:
 def serve(config: WorkerConfig, stop: threading.Event) -> None:
     """Runs a worker until `stop` is set, then shuts down gracefully."""
     task_env = TaskEnvironment(prepare_task_dir(config.task_dir), config.task_env_allow)
-    if not shield_worker_process():
-        log.warning("could not make the worker non-dumpable: its tasks may read its environment in /proc")
     server, port = grpc_server(config.listen, GRPC_THREADS, config.security)
     worker_id = new_worker_id(port)
     address = advertised_address(config.listen, port, config.coordinators[0], config.advertise_host)
