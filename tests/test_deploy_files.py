@@ -381,14 +381,18 @@ def test_migration_records_itself(path):
     assert re.search(rf"INSERT\s+INTO\s+distrack_migrations\b[^;]*'{re.escape(name)}'", text, re.IGNORECASE)
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
+# The services that use PostgreSQL; a worker never does.
+DATABASE_SERVICES = ("migrate", "scheduler", "coordinator")
+
+
+@pytest.mark.parametrize("name", DATABASE_SERVICES)
 def test_service_reaches_the_compose_database(name):
     env = environment_of(load_compose({})["services"][name])
     assert env.get("POSTGRES_HOST") == "postgres"
     assert database_url_from_env(env) == "postgresql://distrack:distrack@postgres:5432/distrack"
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
+@pytest.mark.parametrize("name", DATABASE_SERVICES)
 def test_database_credentials_come_from_the_environment(name):
     host_env = {"POSTGRES_DB": "jobs", "POSTGRES_USER": "alice", "POSTGRES_PASSWORD": "p@ss word"}
     expanded = load_compose(host_env)["services"]
@@ -551,6 +555,12 @@ def test_coordinator_and_workers_share_the_cluster_token_from_the_environment():
     # Unset on the host, it is an empty variable, which means no token (not a start-up error).
     for name in ("coordinator", "worker"):
         assert security_from_env(environment_of(load_compose({})["services"][name])).token is None
+
+
+def test_workers_hold_no_database_credentials_a_task_could_find(services):
+    env = environment_of(services["worker"])
+    assert database_url_from_env(env) is None
+    assert not [key for key in env if key.startswith(("POSTGRES_", "PG")) or key == "DATABASE_URL"]
 
 
 def test_tasks_run_in_a_folder_any_worker_user_can_create(services):
