@@ -322,6 +322,8 @@ def test_a_worker_that_does_not_trust_the_coordinators_certificate_never_joins(c
         (["worker", "--tls_cert={cert}"], {}, "DISTRACK_TLS_KEY (--tls_key) is not"),
         (["coordinator"], {"DISTRACK_TLS_CA": "{ca}"}, "needs DISTRACK_TLS_CERT and DISTRACK_TLS_KEY"),
         (["worker"], {"DISTRACK_TLS_CERT": "{cert}", "DISTRACK_TLS_KEY": "{missing}"}, "cannot read the TLS key"),
+        (["worker"], {"DISTRACK_TASK_ENV_ALLOW": "APP_*,DATABASE_URL"}, "names DATABASE_URL"),
+        (["worker", "--task_env_allow=DISTRACK_CLUSTER_TOKEN"], {}, "names DISTRACK_CLUSTER_TOKEN"),
         (["scheduler", "--https_cert={cert}"], {}, "DISTRACK_HTTPS_KEY"),
         (["scheduler"], {"DISTRACK_HTTPS_CERT": "{cert}", "DISTRACK_HTTPS_KEY": "{other_key}"}, "does not go with"),
     ],
@@ -333,7 +335,8 @@ def test_a_misconfiguration_is_one_clear_line_and_exit_2(pki, tmp_path, monkeypa
     files = {"token": tmp_path / "token", "empty": tmp_path / "empty", "missing": tmp_path / "missing",
              "cert": node.cert, "other_key": other.key, "ca": pki.path}
     for name in ("DISTRACK_CLUSTER_TOKEN", "DISTRACK_CLUSTER_TOKEN_FILE", "DISTRACK_TLS_CERT", "DISTRACK_TLS_KEY",
-                 "DISTRACK_TLS_CA", "DISTRACK_TLS_SERVER_NAME", "DISTRACK_HTTPS_CERT", "DISTRACK_HTTPS_KEY"):
+                 "DISTRACK_TLS_CA", "DISTRACK_TLS_SERVER_NAME", "DISTRACK_HTTPS_CERT", "DISTRACK_HTTPS_KEY",
+                 "DISTRACK_TASK_ENV_ALLOW"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")  # never reached
     for key, value in env.items():

@@ -54,8 +54,20 @@ SECRET_LOOKING = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CR
 
 
 def parse_allow_list(text: str) -> tuple[str, ...]:
-    """`NAME,OTHER,PREFIX_*` (commas or spaces) as a tuple of names and patterns."""
-    return tuple(item for item in text.replace(",", " ").split() if item)
+    """`NAME,OTHER,PREFIX_*` (commas or spaces) as a tuple of names and patterns; ConfigError if it
+    names one of distrack's own credentials."""
+    return check_allow_list(tuple(item for item in text.replace(",", " ").split() if item))
+
+
+def check_allow_list(allow: Iterable[str]) -> tuple[str, ...]:
+    allow = tuple(allow)
+    for item in allow:
+        if not _is_pattern(item) and _matches(item, NEVER_PASSED):
+            raise ConfigError(
+                f"{ALLOW_ENV} names {item}, one of distrack's own credentials, which tasks never get; "
+                f"give the task its own variable instead"
+            )
+    return allow
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -71,13 +83,7 @@ class TaskEnvironment:
 
     def __init__(self, task_dir: Path, allow: Iterable[str] = (), env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
-        allow = tuple(allow)
-        for item in allow:
-            if not _is_pattern(item) and _matches(item, NEVER_PASSED):
-                raise ConfigError(
-                    f"{ALLOW_ENV} names {item}, one of distrack's own credentials, which tasks never get; "
-                    f"give the task its own variable instead"
-                )
+        allow = check_allow_list(allow)
         self.task_dir = task_dir
         base: dict[str, str] = {"PATH": DEFAULT_PATH}
         base.update({k: v for k, v in env.items() if k in BASE_NAMES or _matches(k, BASE_PATTERNS)})
