@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from distrack.errors import ConfigError
+from distrack.transport import TransportSecurity
 
 DEFAULT_SCHEDULER_PORT = 8081
 DEFAULT_COORDINATOR_PORT = 8080
@@ -26,6 +27,8 @@ DEFAULT_SLOTS = 5
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 # First retry delay; each further attempt doubles it (with jitter).
 DEFAULT_RETRY_DELAY_S = 1.0
+# Relative to where the worker starts, like its output folder.
+DEFAULT_TASK_DIR = "worker_tasks"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class SchedulerConfig:
     http_workers: int = 0
     http_threads: int = 0
     max_body_bytes: int = 1024 * 1024
+    # HTTPS through gunicorn when both are set (PEM files).
+    https_cert: str | None = None
+    https_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ class CoordinatorConfig:
     # Testing only (DISTRACK_FAULT_CLAIM_DELAY_S): a pause between a claim's commit and its dispatch,
     # so fault-injection tests can kill the coordinator inside that window.
     fault_claim_delay_s: float = 0.0
+    # The cluster token and TLS for its gRPC server and its calls to workers.
+    security: TransportSecurity = field(default_factory=TransportSecurity)
 
     @property
     def worker_ttl_s(self) -> float:
@@ -155,3 +163,9 @@ class WorkerConfig:
     task_timeout_s: float = 0.0
     # On SIGTERM, how long running tasks get to finish before they are stopped.
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    # The cluster token and TLS for its gRPC server and its calls to the coordinators.
+    security: TransportSecurity = field(default_factory=TransportSecurity)
+    # The working directory of every task (created at start); also their HOME.
+    task_dir: str = DEFAULT_TASK_DIR
+    # Names (or shell-style patterns) of the worker's environment variables that tasks also get.
+    task_env_allow: tuple[str, ...] = ()

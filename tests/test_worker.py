@@ -234,3 +234,21 @@ def test_a_worker_fails_over_to_the_next_coordinator(coordinator, tmp_path):
         assert "switching to" in service.log()
     finally:
         service.stop()
+
+
+def test_sigterm_delivered_to_a_thread_other_than_the_main_one_still_stops_the_worker(coordinator, worker):
+    # The kernel may hand a process-directed signal to any thread; the worker must stop all the same.
+    import ctypes
+    import os
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("tgkill's syscall number is x86_64's")
+    service, _ = worker()
+    pid = service.proc.pid
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, "the worker runs several threads"
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234  # x86_64
+    assert libc.syscall(sys_tgkill, pid, others[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+    assert service.proc.wait(10) == 0

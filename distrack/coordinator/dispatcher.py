@@ -31,6 +31,7 @@ from distrack.coordinator.registry import WorkerInfo, WorkerRegistry
 from distrack.db.store import Attempt, ClaimedTask, EndedAttempt, TaskStore
 from distrack.errors import DatabaseUnavailable
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.transport import TransportSecurity, client_channel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class WorkerClients:
     """One gRPC channel per worker, reused for every call, keyed by worker id (a new worker at an
     old address gets a channel of its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: TransportSecurity | None = None) -> None:
+        self._security = security or TransportSecurity()
         self._lock = threading.Lock()
         self._stubs: dict[str, tuple[str, grpc.Channel, distrack_pb2_grpc.WorkerStub]] = {}
 
@@ -68,7 +70,7 @@ class WorkerClients:
                 return entry[2]
             if entry is not None:
                 entry[1].close()
-            channel = grpc.insecure_channel(worker.address)
+            channel = client_channel(worker.address, self._security)
             stub = distrack_pb2_grpc.WorkerStub(channel)
             self._stubs[worker.worker_id] = (worker.address, channel, stub)
             return stub

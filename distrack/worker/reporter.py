@@ -29,6 +29,7 @@ from tenacity import (
 )
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.transport import TransportSecurity, client_channel
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class CoordinatorClient:
-    def __init__(self, targets: Sequence[str], *, report_retry_s: float, stop: threading.Event) -> None:
+    def __init__(self, targets: Sequence[str], *, report_retry_s: float, stop: threading.Event,
+                 security: TransportSecurity | None = None) -> None:
         if not targets:
             raise ValueError("at least one coordinator is needed")
         self.targets = list(targets)
@@ -60,7 +62,7 @@ class CoordinatorClient:
         self._stop = stop
         self._lock = threading.Lock()
         self._current = 0
-        self._channels = [grpc.insecure_channel(t) for t in self.targets]
+        self._channels = [client_channel(t, security or TransportSecurity()) for t in self.targets]
         self._stubs = [distrack_pb2_grpc.CoordinatorStub(c) for c in self._channels]
 
     @property

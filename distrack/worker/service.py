@@ -13,7 +13,6 @@ worker shuts down; its final report still goes out and ends the attempt.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.worker.environment import TaskEnvironment
 from distrack.worker.reporter import ReportBatcher
 from distrack.worker.runner import CommandRun, Outcome, output_path
 
@@ -51,9 +51,12 @@ class Run:
 class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def __init__(
         self, worker_id: str, slots: int, output_dir: Path, reports: ReportBatcher,
-        *, default_timeout_s: float = 0.0,
+        *, default_timeout_s: float = 0.0, task_env: TaskEnvironment | None = None,
     ) -> None:
         self.worker_id = worker_id
+        # Never the worker's own environment, even when the caller gives no task environment. Tasks
+        # run in the worker's working directory, which serve() makes the task directory.
+        self.task_env = task_env or TaskEnvironment(Path.cwd())
         self.slots = slots
         self.output_dir = output_dir
         self.reports = reports
@@ -66,8 +69,6 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         self._accepting = True
         self._idle = threading.Condition(self._lock)
         self._threads = ThreadPoolExecutor(max(slots, 1), thread_name_prefix="task")
-        # Read once: copying os.environ costs more CPU than spawning the task's shell.
-        self._base_env = dict(os.environ)
 
     # --- what the heartbeat says
 
@@ -174,14 +175,11 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _command_run(self, task_id: str, request: distrack_pb2.TaskRequest) -> CommandRun:
-        # The task learns who it is: handy for idempotent commands and for counting executions.
-        env = {**self._base_env, "DISTRACK_TASK_ID": task_id, "DISTRACK_ATTEMPT": str(request.attempt),
-               "DISTRACK_WORKER_ID": self.worker_id}
         return CommandRun(
             request.command,
             output_path(self.output_dir, self.worker_id, task_id),
             request.timeout_seconds or self.default_timeout_s,
-            env,
+            self.task_env.for_task(task_id, request.attempt, self.worker_id),
         )
 
     def _run(self, task_id: str, run: Run, start: Future) -> None:
