@@ -77,14 +77,16 @@ def test_suite_defaults_are_the_seeds_suite_variables():
         poll_interval_s=0.5,
         timeout_s=120.0,
         command="echo hello",
-        concurrency=10,
+        concurrency=16,  # issue 4's clients for POST /schedule
         interval_ms=20.0,
         workers=3,
         rate=100.0,
         duration_s=30.0,
         reference_s=3.0,
         throughput_s=5.0,
+        e2e_count=2000,
     )
+    assert parse_args(["--suite", "latency", "--e2e-count", "300"], env={}).e2e_count == 300
 
 
 def test_suite_environment_and_flags():

@@ -26,7 +26,7 @@ def test_tiny_suite_run_prints_json_and_cleans_up(tmp_path):
                WORKER_COUNT="1", DELAY_SECONDS="0.2")
     proc = subprocess.run(
         [str(REPO / "scripts" / "benchmark.sh"), "--suite", "all", "--json", "--rate", "20", "--duration", "1.5",
-         "--reference-s", "0.3", "--throughput-s", "0.3"],
+         "--reference-s", "0.3", "--throughput-s", "0.3", "--e2e-count", "7"],
         env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -41,8 +41,8 @@ def test_tiny_suite_run_prints_json_and_cleans_up(tmp_path):
     assert doc["references"]["postgres"]["batch"]["per_s"] > 0
 
     latency = doc["suites"]["latency"]
-    for part in ("pickup", "delayed", "end_to_end"):
-        assert latency[part]["completed"] == 5, latency[part]
+    for part, count in (("pickup", 5), ("delayed", 5), ("end_to_end", 7)):
+        assert latency[part]["completed"] == count, latency[part]
         assert latency[part]["latency_ms"]["pickup"]["count"] == 5
     assert latency["delayed"]["early_starts"] == 0
     assert doc["suites"]["throughput"]["schedule"]["tasks"] > 0

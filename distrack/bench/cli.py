@@ -93,7 +93,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("-c", "--command", metavar="CMD", default=None,
         help=f"shell command of each task (default: {cfg.DEFAULT_COMMAND!r}; {cfg.SUITE_COMMAND!r} for suites)")
     add("--concurrency", metavar="N", type=_positive_int, default=None,
-        help=f"concurrent keep-alive HTTP clients (default: $CONCURRENCY or {cfg.DEFAULT_CONCURRENCY})")
+        help=f"concurrent keep-alive HTTP clients (default: $CONCURRENCY or {cfg.DEFAULT_CONCURRENCY}; "
+             f"{cfg.SUITE_CONCURRENCY} for suites)")
     add("-i", "--interval-ms", dest="interval_ms", metavar="MS", type=_non_negative_float, default=None,
         help="milliseconds between two submissions (default: 0, as fast as possible; for suites, the "
         f"spacing of the pickup tasks, {cfg.SUITE_INTERVAL_MS:g})")
@@ -112,6 +113,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        help=f"how long each reference runs (default: {cfg.REFERENCE_S:g})")
     suite.add_argument("--throughput-s", dest="throughput_s", metavar="SEC", type=_positive_float, default=None,
                        help=f"how long each throughput phase runs (default: {cfg.THROUGHPUT_S:g})")
+    suite.add_argument("--e2e-count", dest="e2e_count", metavar="N", type=_positive_int, default=None,
+                       help=f"tasks of each end-to-end run, all due at once, sent in batches "
+                            f"(default: {cfg.E2E_TASKS:,})")
     return parser
 
 
@@ -146,9 +150,10 @@ def parse_args(
     if args.command is not None and not args.command.strip():
         parser.error("argument -c/--command: the command must not be empty")
     url = pick(args.url, "SCHEDULER_URL", _url, "-u/--url", None)
-    concurrency = pick(args.concurrency, "CONCURRENCY", _positive_int, "--concurrency", cfg.DEFAULT_CONCURRENCY)
-    token = env.get("DISTRACK_API_TOKEN") or None
     suite = args.suite is not None
+    concurrency = pick(args.concurrency, "CONCURRENCY", _positive_int, "--concurrency",
+                       cfg.SUITE_CONCURRENCY if suite else cfg.DEFAULT_CONCURRENCY)
+    token = env.get("DISTRACK_API_TOKEN") or None
     common = {
         "poll_interval_s": args.poll_interval_s,
         "timeout_s": args.timeout_s,
@@ -162,7 +167,8 @@ def parse_args(
     }
     if not suite:
         suite_only = (("--workers", args.workers), ("--rate", args.rate), ("--duration", args.duration_s),
-                      ("--reference-s", args.reference_s), ("--throughput-s", args.throughput_s))
+                      ("--reference-s", args.reference_s), ("--throughput-s", args.throughput_s),
+                      ("--e2e-count", args.e2e_count))
         for flag, value in suite_only:
             if value is not None:
                 parser.error(f"argument {flag}: only used with --suite")
@@ -178,6 +184,7 @@ def parse_args(
         duration_s=args.duration_s or cfg.SUSTAINED_S,
         reference_s=args.reference_s or cfg.REFERENCE_S,
         throughput_s=args.throughput_s or cfg.THROUGHPUT_S,
+        e2e_count=args.e2e_count or cfg.E2E_TASKS,
         **common,
     )
 

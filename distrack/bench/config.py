@@ -18,6 +18,11 @@ SUITE_COUNT = 100
 SUITE_DELAY_S = 1.0
 SUITE_COMMAND = "echo hello"
 SUITE_WORKERS = 3
+# Issue 4 measures POST /schedule from 16 keep-alive clients; the suites use that many unless told.
+SUITE_CONCURRENCY = 16
+# End-to-end runs (latency, scaling, scale-rows): this many tasks, all due at once, sent in batches of
+# POST /tasks so the load generator and the accept path take little of the machine they measure.
+E2E_TASKS = 2000
 # Pickup is measured on an idle stack: tasks 20 ms apart, so each finds the coordinator idle.
 SUITE_INTERVAL_MS = 20.0
 # The sustained run's default rate: well under what the stack finished end to end on 2 cores when
@@ -72,13 +77,14 @@ class SuiteConfig:
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     timeout_s: float = DEFAULT_TIMEOUT_S
     command: str = SUITE_COMMAND
-    concurrency: int = DEFAULT_CONCURRENCY
+    concurrency: int = SUITE_CONCURRENCY
     interval_ms: float = SUITE_INTERVAL_MS
     workers: int = SUITE_WORKERS
     rate: float = SUSTAINED_RATE
     duration_s: float = SUSTAINED_S
     reference_s: float = REFERENCE_S
     throughput_s: float = THROUGHPUT_S
+    e2e_count: int = E2E_TASKS
     json_output: bool = False
     token: str | None = field(default=None, repr=False)
 

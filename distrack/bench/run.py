@@ -41,6 +41,7 @@ from distrack.bench.suites import (
     warm_up,
 )
 from distrack.bench.table import Figure, format_table
+from distrack.config import DEFAULT_SLOTS
 
 # Suites that run on the main stack (own or given); scaling starts stacks of its own.
 MAIN_STACK_SUITES = ("throughput", "latency", "sustained", "scale-rows")
@@ -123,10 +124,17 @@ def _run_all(config: SuiteConfig, work_dir: Path, report: Report) -> None:
         _measure_bash(config, report, progress)  # again at the end: the machine's speed drifts
 
 
+def bash_concurrency(config: SuiteConfig) -> int:
+    """As many threads as the stack has slots when the suites start it (workers x slots), so the
+    reference runs at distrack's concurrency; CONCURRENCY for a stack of someone else's."""
+    return config.workers * DEFAULT_SLOTS if config.url is None else config.concurrency
+
+
 def _measure_bash(config: SuiteConfig, report: Report, progress: Progress) -> None:
-    note(f"[reference] bash -c {config.command!r} from {config.concurrency} threads")
+    threads = bash_concurrency(config)
+    note(f"[reference] bash -c {config.command!r} from {threads} threads")
     settle(progress)
-    report.references.bash.append(bash_reference(config.command, concurrency=config.concurrency,
+    report.references.bash.append(bash_reference(config.command, concurrency=threads,
                                                  duration_s=config.reference_s, progress=progress))
 
 
@@ -228,7 +236,8 @@ class Report:
             f"distrack benchmark: {', '.join(config.suites)} on {machine_summary()['description']}",
             f"stack: {self.stack or 'own stacks only'}",
             f"tasks: {config.command!r}, NUM_TASKS {config.count}, CONCURRENCY {config.concurrency}, "
-            f"WORKER_COUNT {config.workers}, delayed by {config.delay_s:g} s"
+            f"WORKER_COUNT {config.workers}, delayed by {config.delay_s:g} s, end-to-end runs of "
+            f"{config.e2e_count:,} tasks"
             + (f", sustained {config.rate:g}/s for {config.duration_s:g} s" if "sustained" in config.suites else ""),
             "ratio = value / reference; latencies from the server's timestamps; machine CPU from /proc/stat",
             "",

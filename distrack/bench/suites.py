@@ -183,19 +183,30 @@ def run_tasks(
     count: int | None = None,
     duration_s: float | None = None,
     interval_s: float = 0.0,
+    batched: bool = False,
     progress: Progress | None = None,
     sampler: RssSampler | None = None,
 ) -> TaskRun:
     """Submits tasks of config.command (count, or for duration_s), waits for them, measures them.
-    A `sampler` runs while the tasks are being submitted."""
+    `batched`: `count` tasks in POST /tasks batches of up to BATCH_SIZE from one client, rather than one
+    POST /schedule each from config.concurrency clients. A `sampler` runs while the tasks are being
+    submitted."""
     progress = progress or Progress()
     meter = CpuMeter()
     if sampler:
         sampler.start()
     try:
-        load = run_load(sut.url, schedule_sender(schedule_body(config.command, delay_s)),
-                        concurrency=config.concurrency, count=count, duration_s=duration_s,
-                        interval_s=interval_s, token=sut.token, progress=progress, label=f"{label}: submitting")
+        if batched:
+            assert count is not None, "a batched run has a count"
+            size = min(count, BATCH_SIZE)
+            load = run_load(sut.url, batch_sender(batch_body(config.command, delay_s, size)), concurrency=1,
+                            count=-(-count // size), token=sut.token, progress=progress,
+                            label=f"{label}: submitting")
+        else:
+            load = run_load(sut.url, schedule_sender(schedule_body(config.command, delay_s)),
+                            concurrency=config.concurrency, count=count, duration_s=duration_s,
+                            interval_s=interval_s, token=sut.token, progress=progress,
+                            label=f"{label}: submitting")
     finally:
         if sampler:
             sampler.stop()
@@ -315,9 +326,10 @@ def latency_suite(sut: StackUnderTest, source: TaskSource, config: SuiteConfig, 
 
 def end_to_end_run(sut: StackUnderTest, source: TaskSource, config: SuiteConfig, progress: Progress, *,
                    label: str) -> TaskRun:
-    note(f"[{label}] {config.count} tasks of {config.command!r} due at once, from {config.concurrency} clients")
+    note(f"[{label}] {config.e2e_count:,} tasks of {config.command!r} due at once, sent in batches of up to "
+         f"{BATCH_SIZE:,}")
     settle(progress)
-    return run_tasks(sut, source, config, label=label, count=config.count, progress=progress)
+    return run_tasks(sut, source, config, label=label, count=config.e2e_count, batched=True, progress=progress)
 
 
 # --- sustained -----------------------------------------------------------------------------------

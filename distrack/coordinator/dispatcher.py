@@ -178,8 +178,10 @@ class Dispatcher:
         if not reservations:
             return self.config.poll_interval_s
         claimed = self._claim(reservations)
-        if len(claimed) == len(reservations) and self.registry.free_slots() > 0:
-            return 0.0
+        if len(claimed) == len(reservations):
+            # Every free slot got a task, so more may be due: claim again at once if slots are free,
+            # else when one frees (a final report wakes the loop), with no query meanwhile.
+            return 0.0 if self.registry.free_slots() > 0 else self.config.poll_interval_s
         next_due_s = self.store.seconds_until_next_due()
         if next_due_s is None:
             return self.config.poll_interval_s
