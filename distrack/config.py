@@ -6,9 +6,11 @@ service starts, so tests can hand each service its own settings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from distrack.errors import ConfigError
@@ -101,6 +103,59 @@ def require_database_url(env: Mapping[str, str] | None = None) -> str:
     return url
 
 
+# Printable ASCII without spaces: what any HTTP client can send in `Authorization: Bearer <token>`
+# unchanged, and what `openssl rand -hex 32` or `secrets.token_urlsafe()` produce.
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def api_token_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The HTTP API's bearer token: `DISTRACK_API_TOKEN`, or the contents of the file named by
+    `DISTRACK_API_TOKEN_FILE` (its trailing newline removed); None when neither is set.
+
+    Raises ConfigError when both are set, or the file is unreadable, empty or holds characters a
+    header cannot carry, so a service never starts unprotected by mistake. The message never
+    contains the token.
+    """
+    env = os.environ if env is None else env
+    token = env.get("DISTRACK_API_TOKEN", "")
+    path = env.get("DISTRACK_API_TOKEN_FILE", "")
+    if token and path:
+        raise ConfigError("both DISTRACK_API_TOKEN and DISTRACK_API_TOKEN_FILE are set; set only one")
+    source = "DISTRACK_API_TOKEN"
+    if path:
+        source = f"DISTRACK_API_TOKEN_FILE ({path})"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise ConfigError(f"cannot read the API token from {source}: {reason}") from None
+        if not token.strip():
+            raise ConfigError(f"the API token file {path} is empty")
+    if not token:
+        return None
+    if not set(token) <= _TOKEN_CHARS:
+        raise ConfigError(f"the API token in {source} must be printable ASCII without spaces or line breaks "
+                          "(e.g. from `openssl rand -hex 32`)")
+    return token
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only. '' (every interface) is not; a
+    name counts only when every address it resolves to is a loopback one."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     database_url: str
@@ -109,6 +164,8 @@ class SchedulerConfig:
     http_workers: int = 0
     http_threads: int = 0
     max_body_bytes: int = 1024 * 1024
+    # None: no token, every request is served. Kept out of repr so it never reaches a log.
+    api_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

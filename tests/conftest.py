@@ -79,6 +79,19 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@pytest.fixture(scope="module")
+def module_db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """Like db_url, shared by the tests of one module (for a service they all talk to)."""
+    name = f"distrack_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
+        )
+    yield with_database(server_url, name)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def store(db_url: str) -> Iterator[TaskStore]:
     pool = make_pool(db_url, max_size=4, name="test")

@@ -182,7 +182,7 @@ class Cluster:
 
         wait_for(joined, timeout, what=f"{count} worker(s) to join")
 
-    def scheduler(self, *extra: str) -> Service:
+    def scheduler(self, *extra: str, env_extra: dict[str, str] | None = None) -> Service:
         service = self.start(
             "scheduler",
             [
@@ -191,6 +191,7 @@ class Cluster:
                 "--http_workers=2",
                 *extra,
             ],
+            {**self.env, **(env_extra or {})},
         )
         self.wait_port(self.scheduler_port, service)
         return service
@@ -233,8 +234,10 @@ def kill_marked_processes(marker: str) -> None:
 class Api:
     """A small JSON client for the scheduler's HTTP API."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # Sent with every request unless the call passes its own Authorization header.
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def request(
         self,
@@ -247,7 +250,8 @@ class Api:
         data = (
             json.dumps(body).encode() if isinstance(body, dict) else (body.encode() if isinstance(body, str) else body)
         )
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers or {})
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={**self.auth, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 status, raw = resp.status, resp.read()

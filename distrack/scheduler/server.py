@@ -7,7 +7,7 @@ import os
 
 from gunicorn.app.base import BaseApplication
 
-from distrack.config import SchedulerConfig
+from distrack.config import Address, SchedulerConfig, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class SchedulerApplication(BaseApplication):
 
         pool = make_pool(self.config.database_url, max_size=self.cfg.threads + 1, name="scheduler")
         _pools.append(pool)
-        return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes)
+        return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes, api_token=self.config.api_token)
 
 
 _pools: list = []
@@ -68,6 +68,20 @@ def _close_pool(server: object, worker: object) -> None:
         _pools.pop().close()
 
 
+def exposure_warning(listen: Address, api_token: str | None) -> str | None:
+    """What to warn about when the API would be open to other machines without a token."""
+    if api_token or is_loopback_host(listen.host):
+        return None
+    return (f"the scheduler listens on {listen.bind_target()}, beyond this machine, with no API token: anyone "
+            "who can reach it can run shell commands on the workers. Set DISTRACK_API_TOKEN (or "
+            "DISTRACK_API_TOKEN_FILE), or listen on 127.0.0.1")
+
+
 def serve(config: SchedulerConfig) -> None:
     """Runs gunicorn in this process until it receives SIGTERM or SIGINT."""
+    warning = exposure_warning(config.listen, config.api_token)
+    if warning:
+        log.warning("%s", warning)
+    elif config.api_token:
+        log.info("the API requires a bearer token (every path but /health)")
     SchedulerApplication(config).run()
