@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import Cluster, with_database
+from helpers import REPORTS, Cluster, with_database
 from psycopg import sql
 
 from distrack.db.embedded import EmbeddedPostgres
@@ -118,8 +118,30 @@ def cluster(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
             print(c.logs())
 
 
+@pytest.fixture(scope="module")
+def secured_cluster(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A live scheduler (a real gunicorn on a free loopback port) that requires a fresh random token,
+    `cluster.api_token`, with its access log on, so tests can check the token never reaches a log."""
+    import secrets
+
+    c = Cluster(module_db_url, tmp_path_factory.mktemp("secured"))
+    c.api_token = secrets.token_urlsafe(32)  # type: ignore[attr-defined]
+    try:
+        c.scheduler(env_extra={"DISTRACK_API_TOKEN": c.api_token, "DISTRACK_ACCESS_LOG": "-"})  # type: ignore[attr-defined]
+        yield c
+    finally:
+        c.stop_all()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for title, lines in terminalreporter.config.stash.get(REPORTS, []):
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_HEARTBEAT_S = 0.2
 
 
+# Tables that tests hand over to be printed after the run (pytest's terminal summary), e.g. what each
+# attack on the API got back: output printed during a test or fixture is captured, this is not.
+REPORTS = pytest.StashKey[list[tuple[str, list[str]]]]()
+
+
+def add_report(config: pytest.Config, title: str, lines: list[str]) -> None:
+    config.stash.setdefault(REPORTS, []).append((title, lines))
+
+
 def wait_for(
     condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
 ) -> object:

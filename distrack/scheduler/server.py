@@ -15,6 +15,12 @@ log = logging.getLogger(__name__)
 # busy; keep-alive lets a client reuse its connection instead of paying a TCP handshake per task.
 THREADS_PER_WORKER = 8
 KEEPALIVE_S = 30
+# What gunicorn reads before the app sees a request, stated here so the README's limits have one
+# source (these are gunicorn's defaults): a longer request line gets 414, a longer header or more
+# headers 431, as plain HTML from gunicorn.
+LIMIT_REQUEST_LINE_BYTES = 4094
+LIMIT_REQUEST_FIELD_BYTES = 8190
+LIMIT_REQUEST_FIELDS = 100
 
 
 def default_http_workers() -> int:
@@ -34,6 +40,9 @@ class SchedulerApplication(BaseApplication):
             "worker_class": "gthread",
             "threads": config.http_threads or THREADS_PER_WORKER,
             "keepalive": KEEPALIVE_S,
+            "limit_request_line": LIMIT_REQUEST_LINE_BYTES,
+            "limit_request_field_size": LIMIT_REQUEST_FIELD_BYTES,
+            "limit_request_fields": LIMIT_REQUEST_FIELDS,
             "graceful_timeout": 10,
             "timeout": 60,
             "proc_name": "distrack-scheduler",

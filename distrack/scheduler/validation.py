@@ -43,6 +43,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidInput("body is not UTF-8 text") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant)
+    except InvalidInput:  # NaN or Infinity, already explained
+        raise
     except ValueError as exc:  # JSONDecodeError, or an integer with thousands of digits
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -125,7 +127,7 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{name} must be a number, not {_json_type(value)}")
     if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-        raise InvalidInput(f"{name} must be between {low:g} and {high:g}, not {value!r}")
+        raise InvalidInput(f"{name} must be between {low:g} and {high:.16g}, not {value!r}")
     return float(value)
 
 
