@@ -206,3 +206,11 @@ def test_a_canonical_uuid_is_required():
     for bad in (tid.hex, f"{{{tid}}}", f"urn:uuid:{tid}", str(tid)[:-1], f"{tid}0"):
         with pytest.raises(InvalidInput, match="is not a UUID"):
             parse_task_id(bad)
+
+
+def test_whitespace_is_exactly_what_str_strip_removes():
+    import sys
+
+    from distrack.scheduler.validation import WHITESPACE
+
+    assert sorted(WHITESPACE) == [c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace()]

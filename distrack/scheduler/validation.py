@@ -16,6 +16,11 @@ MAX_DELAY_SECONDS = 366 * 24 * 3600  # a year (and a leap day): farther than tha
 MAX_ATTEMPTS = 100
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 SCHEDULE_FIELDS = ("command", "delay_seconds", "max_attempts", "timeout_seconds")
+# What a blank command is made of: exactly the characters str.isspace() (so str.strip()) treats as
+# whitespace, spelled out because regular expression engines disagree on \s (JSON Schema's, Rust's
+# and Python's differ on U+001C-U+001F, U+0085 and U+FEFF) and the OpenAPI document states the rule.
+WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + (
+    "\u2028\u2029\u202f\u205f\u3000")
 MAX_BATCH_TASKS = 10_000  # with the 1 MiB body limit, batches of a few thousand short commands fit
 # The form the API hands out (and JSON Schema's "uuid" format); uuid.UUID alone would also take
 # braces, a urn: prefix or 32 bare digits, which no client of this API needs.
