@@ -157,6 +157,22 @@ def test_token_comes_from_the_environment_and_is_not_shown():
     assert parse_args([], env={"DISTRACK_API_TOKEN": ""}).token is None
 
 
+def test_token_comes_from_a_file_too(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    assert parse_args([], env={"DISTRACK_API_TOKEN_FILE": str(token_file)}).token == "s3cret"
+    assert parse_args(["-s", "latency"], env={"DISTRACK_API_TOKEN_FILE": str(token_file)}).token == "s3cret"
+
+
+@pytest.mark.parametrize("env", [{"DISTRACK_API_TOKEN": "a", "DISTRACK_API_TOKEN_FILE": "/x"},
+                                 {"DISTRACK_API_TOKEN_FILE": "/nonexistent/token"}])
+def test_an_unusable_token_setting_is_a_usage_error(env, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args([], env=env)
+    assert info.value.code == 2
+    assert "DISTRACK_API_TOKEN" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
