@@ -537,3 +537,10 @@ def test_dockerignore_keeps_everything_the_dockerfile_copies():
     assert {"README.md", "setup.cfg", "distrack/cli.py", "sql/queries.sql"} <= set(copied)
     left_out = [path for path in copied if ignored(path, patterns)]
     assert not left_out, f".dockerignore leaves out files the Dockerfile copies: {left_out}"
+
+
+def test_the_scheduler_gets_the_api_token_from_the_environment():
+    env = environment_of(load_compose({"DISTRACK_API_TOKEN": "s3cret"})["services"]["scheduler"])
+    assert env["DISTRACK_API_TOKEN"] == "s3cret"
+    # Unset, it is empty, which the scheduler takes as no token (distrack.config.api_token_from_env).
+    assert environment_of(load_compose({})["services"]["scheduler"])["DISTRACK_API_TOKEN"] == ""
