@@ -7,6 +7,7 @@ import pytest
 
 from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
+from distrack.errors import ConfigError
 from distrack.scheduler import auth
 from distrack.scheduler.app import create_app
 from distrack.scheduler.server import exposure_warning
@@ -159,3 +160,23 @@ def test_listening_beyond_loopback_without_a_token_warns(host, token, warns):
     assert (warning is not None) is warns
     if warns:
         assert "no API token" in warning and "DISTRACK_API_TOKEN" in warning
+
+
+def test_the_app_gunicorn_loads_by_itself_reads_the_token_from_the_environment(monkeypatch, tmp_path):
+    """`gunicorn 'distrack.scheduler.app:create_app_from_env()'` is protected the same way."""
+    from distrack.scheduler import app as app_module
+
+    pools = []
+    monkeypatch.setattr(app_module, "make_pool", lambda url, **kw: pools.append(url) or object())
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nowhere/none")
+    monkeypatch.delenv("DISTRACK_API_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("DISTRACK_API_TOKEN", TOKEN)
+    client = falcon.testing.TestClient(app_module.create_app_from_env())
+    assert client.simulate_get("/openapi.json").status_code == 401
+    assert client.simulate_get("/openapi.json", headers=bearer()).status_code == 200
+    # A bad setting fails before any pool is made.
+    monkeypatch.delenv("DISTRACK_API_TOKEN")
+    monkeypatch.setenv("DISTRACK_API_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read the API token"):
+        app_module.create_app_from_env()
+    assert pools == ["postgresql://nowhere/none"]
