@@ -114,11 +114,12 @@ def api_token_from_env(env: Mapping[str, str] | None = None) -> str | None:
 
     Raises ConfigError when both are set, or the file is unreadable, empty or holds characters a
     header cannot carry, so a service never starts unprotected by mistake. The message never
-    contains the token.
+    contains the token. Surrounding whitespace is ignored, as for the cluster token
+    (distrack.transport), so both secrets can be written the same way.
     """
     env = os.environ if env is None else env
-    token = env.get("DISTRACK_API_TOKEN", "")
-    path = env.get("DISTRACK_API_TOKEN_FILE", "")
+    token = env.get("DISTRACK_API_TOKEN", "").strip()
+    path = env.get("DISTRACK_API_TOKEN_FILE", "").strip()
     if token and path:
         raise ConfigError("both DISTRACK_API_TOKEN and DISTRACK_API_TOKEN_FILE are set; set only one")
     source = "DISTRACK_API_TOKEN"
@@ -126,11 +127,11 @@ def api_token_from_env(env: Mapping[str, str] | None = None) -> str | None:
         source = f"DISTRACK_API_TOKEN_FILE ({path})"
         try:
             with open(path, encoding="utf-8") as handle:
-                token = handle.read().rstrip("\r\n")
+                token = handle.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
             raise ConfigError(f"cannot read the API token from {source}: {reason}") from None
-        if not token.strip():
+        if not token:
             raise ConfigError(f"the API token file {path} is empty")
     if not token:
         return None

@@ -10,7 +10,7 @@ from distrack.db.store import TaskStore
 from distrack.errors import ConfigError
 from distrack.scheduler import auth
 from distrack.scheduler.app import create_app
-from distrack.scheduler.server import exposure_warning
+from distrack.scheduler.server import MIN_API_TOKEN_CHARS, exposure_warning, short_token_warning
 
 TOKEN = "Zm9vYmFy-0123456789_abcdef.~+/="  # every character class a bearer token (RFC 6750) may use
 
@@ -180,3 +180,10 @@ def test_the_app_gunicorn_loads_by_itself_reads_the_token_from_the_environment(m
     with pytest.raises(ConfigError, match="cannot read the API token"):
         app_module.create_app_from_env()
     assert pools == ["postgresql://nowhere/none"]
+
+
+def test_a_short_token_is_accepted_with_a_warning():
+    assert short_token_warning(None) is None
+    assert short_token_warning("x" * MIN_API_TOKEN_CHARS) is None
+    warning = short_token_warning("x" * (MIN_API_TOKEN_CHARS - 1))
+    assert warning and "shorter than 16 characters" in warning and "x" * 15 not in warning

@@ -93,7 +93,8 @@ def test_token_from_the_environment_or_a_file(tmp_path):
     from distrack.config import api_token_from_env
 
     assert api_token_from_env({"DISTRACK_API_TOKEN": TOKEN}) == TOKEN
-    for ending in ("", "\n", "\r\n", "\n\n"):
+    assert api_token_from_env({"DISTRACK_API_TOKEN": f" {TOKEN}\n"}) == TOKEN  # as the cluster token
+    for ending in ("", "\n", "\r\n", "\n\n", "  \n"):
         path = tmp_path / "token"
         path.write_text(TOKEN + ending)
         assert api_token_from_env({"DISTRACK_API_TOKEN_FILE": str(path)}) == TOKEN

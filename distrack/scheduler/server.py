@@ -21,6 +21,8 @@ KEEPALIVE_S = 30
 LIMIT_REQUEST_LINE_BYTES = 4094
 LIMIT_REQUEST_FIELD_BYTES = 8190
 LIMIT_REQUEST_FIELDS = 100
+# As for the cluster token (distrack.transport.MIN_TOKEN_CHARS).
+MIN_API_TOKEN_CHARS = 16
 
 
 def default_http_workers() -> int:
@@ -86,11 +88,20 @@ def exposure_warning(listen: Address, api_token: str | None) -> str | None:
             "DISTRACK_API_TOKEN_FILE), or listen on 127.0.0.1")
 
 
+def short_token_warning(api_token: str | None) -> str | None:
+    """Shorter tokens work (a test may use one) but are worth a warning: the token is all that stands
+    between the network and shell commands on the workers."""
+    if api_token is None or len(api_token) >= MIN_API_TOKEN_CHARS:
+        return None
+    return (f"the API token is shorter than {MIN_API_TOKEN_CHARS} characters; use a long random one "
+            "(e.g. `openssl rand -hex 32`)")
+
+
 def serve(config: SchedulerConfig) -> None:
     """Runs gunicorn in this process until it receives SIGTERM or SIGINT."""
-    warning = exposure_warning(config.listen, config.api_token)
-    if warning:
-        log.warning("%s", warning)
-    elif config.api_token:
+    for warning in (exposure_warning(config.listen, config.api_token), short_token_warning(config.api_token)):
+        if warning:
+            log.warning("%s", warning)
+    if config.api_token:
         log.info("the API requires a bearer token (every path but /health)")
     SchedulerApplication(config).run()
