@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from distrack import config as cfg
 from distrack.db.store import MAX_RETRY_DELAY_S
 from distrack.errors import ConfigError, DistrackError
+from distrack.transport import TransportSecurity, load_cert_pair, security_from_env
+from distrack.worker.environment import ALLOW_ENV, TASK_DIR_ENV, parse_allow_list
 
 log = logging.getLogger("distrack")
 
@@ -136,6 +138,29 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_transport_options(parser: argparse.ArgumentParser) -> None:
+    """The cluster token and TLS, shared by the coordinator and the workers (README, Security)."""
+    _flag(parser, "cluster_token_file", default=None, metavar="FILE",
+          help="file holding the cluster token every gRPC call must carry (default: DISTRACK_CLUSTER_TOKEN_FILE; "
+               "or the token itself in DISTRACK_CLUSTER_TOKEN, never as a flag, which `ps` would show)")
+    _flag(parser, "tls_cert", default=None, metavar="PEM",
+          help="certificate for TLS on gRPC, served and presented to servers (default: DISTRACK_TLS_CERT)")
+    _flag(parser, "tls_key", default=None, metavar="PEM", help="its private key (default: DISTRACK_TLS_KEY)")
+    _flag(parser, "tls_ca", default=None, metavar="PEM",
+          help="CA that signs the cluster's certificates: servers then require client certificates (mutual "
+               "TLS) and clients check servers against it (default: DISTRACK_TLS_CA)")
+    _flag(parser, "tls_server_name", default=None, metavar="NAME",
+          help="name to check server certificates against instead of the host dialled "
+               "(default: DISTRACK_TLS_SERVER_NAME)")
+
+
+def _security(args: argparse.Namespace) -> TransportSecurity:
+    security = security_from_env(token_file=args.cluster_token_file, cert_file=args.tls_cert,
+                                 key_file=args.tls_key, ca_file=args.tls_ca, server_name=args.tls_server_name)
+    security.require_server_credentials()
+    return security
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distrack",
@@ -175,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024 * 1024,
         help="largest request body accepted; larger ones get 413 (default %(default)s)",
     )
+    _flag(p, "https_cert", default=None, metavar="PEM",
+          help="serve HTTPS with this certificate (chain) (default: DISTRACK_HTTPS_CERT)")
+    _flag(p, "https_key", default=None, metavar="PEM", help="its private key (default: DISTRACK_HTTPS_KEY)")
 
     p = sub.add_parser(
         "coordinator",
@@ -191,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_heartbeat_interval(p)
     _add_coordinator_tuning(p)
+    _add_transport_options(p)
 
     p = sub.add_parser(
         "worker",
@@ -221,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "shutdown_grace_s", type=_non_negative, default=cfg.DEFAULT_SHUTDOWN_GRACE_S,
           help="on SIGTERM, how long running tasks may finish before they are stopped and handed back "
                "(default %(default)s)")
+    _flag(p, "task_dir", default=None, metavar="DIR",
+          help=f"working directory and HOME of every task, created at start (default: {TASK_DIR_ENV}, "
+               f"else {cfg.DEFAULT_TASK_DIR})")
+    _flag(p, "task_env_allow", default=None, metavar="NAMES",
+          help=f"the worker's environment variables tasks also get, comma-separated names or patterns such as "
+               f"AWS_*; tasks get a clean environment otherwise (default: {ALLOW_ENV})")
+    _add_transport_options(p)
 
     sub.add_parser(
         "migrate",
@@ -286,9 +322,11 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distrack.process import setup_logging
+    from distrack.process import setup_logging, shield_process
 
     setup_logging(args.command)
+    if not shield_process():
+        log.warning("could not make this process non-dumpable: tasks run as its user may read its environment")
     try:
         return _run(args)
     except ConfigError as exc:
@@ -297,6 +335,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DistrackError, OSError) as exc:
         print(f"distrack {args.command}: {exc}", file=sys.stderr)
         return 1
+
+
+def _https(args: argparse.Namespace) -> dict[str, str]:
+    cert = args.https_cert or os.environ.get("DISTRACK_HTTPS_CERT", "").strip() or None
+    key = args.https_key or os.environ.get("DISTRACK_HTTPS_KEY", "").strip() or None
+    if not cert and not key:
+        return {}
+    load_cert_pair(cert, key, what="HTTPS", cert_env="DISTRACK_HTTPS_CERT (--https_cert)",
+                   key_env="DISTRACK_HTTPS_KEY (--https_key)")
+    return {"https_cert": cert, "https_key": key}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -317,6 +365,7 @@ def _run(args: argparse.Namespace) -> int:
                 http_threads=args.http_threads,
                 max_body_bytes=args.max_body_bytes,
                 api_token=cfg.api_token_from_env(),
+                **_https(args),
             )
         )
         return 0
@@ -334,6 +383,7 @@ def _run(args: argparse.Namespace) -> int:
                 ack_timeout_s=args.ack_timeout_s,
                 retry_delay_s=args.retry_delay_s,
                 fault_claim_delay_s=float(os.environ.get("DISTRACK_FAULT_CLAIM_DELAY_S") or 0),
+                security=_security(args),
             ),
             stop_on_signals(),
         )
@@ -352,6 +402,10 @@ def _run(args: argparse.Namespace) -> int:
                 advertise_host=os.environ.get("WORKER_ADDRESS", "").strip() or None,
                 task_timeout_s=args.task_timeout_s,
                 shutdown_grace_s=args.shutdown_grace_s,
+                security=_security(args),
+                task_dir=args.task_dir or os.environ.get(TASK_DIR_ENV, "").strip() or cfg.DEFAULT_TASK_DIR,
+                task_env_allow=parse_allow_list(
+                    args.task_env_allow if args.task_env_allow is not None else os.environ.get(ALLOW_ENV, "")),
             ),
             stop_on_signals(),
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from distrack.errors import ConfigError
+from distrack.transport import TransportSecurity
 
 DEFAULT_SCHEDULER_PORT = 8081
 DEFAULT_COORDINATOR_PORT = 8080
@@ -28,6 +29,8 @@ DEFAULT_SLOTS = 5
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 # First retry delay; each further attempt doubles it (with jitter).
 DEFAULT_RETRY_DELAY_S = 1.0
+# Relative to where the worker starts, like its output folder.
+DEFAULT_TASK_DIR = "worker_tasks"
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,9 @@ class SchedulerConfig:
     http_workers: int = 0
     http_threads: int = 0
     max_body_bytes: int = 1024 * 1024
+    # HTTPS through gunicorn when both are set (PEM files).
+    https_cert: str | None = None
+    https_key: str | None = None
     # None: no token, every request is served. Kept out of repr so it never reaches a log.
     api_token: str | None = field(default=None, repr=False)
 
@@ -177,13 +183,15 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S
-    # How long one SubmitTask call may take before the dispatcher tries another worker.
+    # How long one SubmitTasks call may take before the dispatcher tries another worker.
     dispatch_timeout_s: float = 5.0
     # A task picked this long ago that no worker has reported started goes back to the queue.
     ack_timeout_s: float = 30.0
     # Testing only (DISTRACK_FAULT_CLAIM_DELAY_S): a pause between a claim's commit and its dispatch,
     # so fault-injection tests can kill the coordinator inside that window.
     fault_claim_delay_s: float = 0.0
+    # The cluster token and TLS for its gRPC server and its calls to workers.
+    security: TransportSecurity = field(default_factory=TransportSecurity)
 
     @property
     def worker_ttl_s(self) -> float:
@@ -213,3 +221,9 @@ class WorkerConfig:
     task_timeout_s: float = 0.0
     # On SIGTERM, how long running tasks get to finish before they are stopped.
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    # The cluster token and TLS for its gRPC server and its calls to the coordinators.
+    security: TransportSecurity = field(default_factory=TransportSecurity)
+    # The working directory of every task (created at start); also their HOME.
+    task_dir: str = DEFAULT_TASK_DIR
+    # Names (or shell-style patterns) of the worker's environment variables that tasks also get.
+    task_env_allow: tuple[str, ...] = ()

@@ -81,30 +81,35 @@ WHERE id = %(id)s AND status = 'picked' AND lease = %(lease)s AND worker_id = %(
 RETURNING id;
 
 -- mark_running --
--- The start fence: a worker runs the command only after this returns a row. Idempotent for the
--- owner (a retried report whose answer was lost), refused to anyone else and once a cancel was asked.
-UPDATE tasks
+-- The start fence, for a batch of attempts: a worker runs a command only after its id comes back
+-- here. Idempotent for the owner (a retried report whose answer was lost), refused to anyone else
+-- and once a cancel was asked.
+UPDATE tasks AS t
 SET status     = 'running',
-    started_at = CASE WHEN status = 'picked' THEN now() ELSE started_at END,
-    attempts   = CASE WHEN status = 'picked' THEN attempts + 1 ELSE attempts END
-WHERE id = %(id)s AND status IN ('picked', 'running') AND lease = %(lease)s AND worker_id = %(worker_id)s
-  AND cancel_requested_at IS NULL
-RETURNING id, attempts;
+    started_at = CASE WHEN t.status = 'picked' THEN now() ELSE t.started_at END,
+    attempts   = CASE WHEN t.status = 'picked' THEN t.attempts + 1 ELSE t.attempts END
+FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[]) AS a (id, lease, worker_id)
+WHERE t.id = a.id AND t.status IN ('picked', 'running') AND t.lease = a.lease AND t.worker_id = a.worker_id
+  AND t.cancel_requested_at IS NULL
+RETURNING t.id;
 
--- cancel_refused_start --
--- mark_running refused because a cancel was asked: that was the owner's start (or its retry, the
--- first answer lost), so nothing of it runs any more and the task is cancelled now.
-UPDATE tasks
+-- cancel_refused_starts --
+-- mark_running refused these because a cancel was asked: that was the owner's start (or its retry,
+-- the first answer lost), so nothing of it runs any more and the task is cancelled now.
+UPDATE tasks AS t
 SET status = 'cancelled', cancelled_at = now()
-WHERE id = %(id)s AND status IN ('picked', 'running') AND lease = %(lease)s AND worker_id = %(worker_id)s
-  AND cancel_requested_at IS NOT NULL
-RETURNING id;
+FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[]) AS a (id, lease, worker_id)
+WHERE t.id = a.id AND t.status IN ('picked', 'running') AND t.lease = a.lease AND t.worker_id = a.worker_id
+  AND t.cancel_requested_at IS NOT NULL
+RETURNING t.id;
 
 -- mark_completed --
-UPDATE tasks
-SET status = 'completed', completed_at = now(), exit_code = %(exit_code)s, error = NULL
-WHERE id = %(id)s AND status = 'running' AND lease = %(lease)s AND worker_id = %(worker_id)s
-RETURNING id;
+UPDATE tasks AS t
+SET status = 'completed', completed_at = now(), exit_code = a.exit_code, error = NULL
+FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[], %(exit_codes)s::int[])
+     AS a (id, lease, worker_id, exit_code)
+WHERE t.id = a.id AND t.status = 'running' AND t.lease = a.lease AND t.worker_id = a.worker_id
+RETURNING t.id;
 
 -- end_attempts --
 -- Ends started attempts that did not succeed (a failed command, a timeout, a lost worker), each

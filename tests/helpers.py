@@ -131,10 +131,12 @@ class Cluster:
         self.workdir = workdir
         self.output_dir = workdir / "worker_output"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "WORKER_ADDRESS"))}
-        # Task commands inherit the marker, so the ones a killed worker orphaned can be found.
+        # Task commands get the marker (allow-listed into their clean environment), so the ones a
+        # killed worker orphaned can be found.
         self.marker = f"DISTRACK_TEST_CLUSTER={uuid.uuid4().hex}"
         self.env.update(DATABASE_URL=db_url, PYTHONUNBUFFERED="1", DISTRACK_LOG_LEVEL="INFO",
-                        DISTRACK_TEST_CLUSTER=self.marker.split("=", 1)[1])
+                        DISTRACK_TEST_CLUSTER=self.marker.split("=", 1)[1],
+                        DISTRACK_TASK_ENV_ALLOW="DISTRACK_TEST_CLUSTER")
         self.services: list[Service] = []
         self.coordinator_port = free_port()
         self.scheduler_port = free_port()
@@ -161,7 +163,8 @@ class Cluster:
         self.wait_port(port, service)
         return service
 
-    def worker(self, *extra: str, slots: int = 5, coordinator_port: int | None = None) -> Service:
+    def worker(self, *extra: str, slots: int = 5, coordinator_port: int | None = None,
+               env_extra: dict[str, str] | None = None) -> Service:
         self._counter += 1
         port = free_port()
         service = self.start(f"worker{self._counter}", [
@@ -169,7 +172,7 @@ class Cluster:
             f"--coordinator=127.0.0.1:{coordinator_port or self.coordinator_port}",
             f"--output_dir={self.output_dir}", f"--slots={slots}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
             *extra,
-        ])
+        ], {**self.env, **(env_extra or {})})
         service.port = port  # type: ignore[attr-defined]
         self.wait_port(port, service)
         return service

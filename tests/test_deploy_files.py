@@ -381,14 +381,18 @@ def test_migration_records_itself(path):
     assert re.search(rf"INSERT\s+INTO\s+distrack_migrations\b[^;]*'{re.escape(name)}'", text, re.IGNORECASE)
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
+# The services that use PostgreSQL; a worker never does.
+DATABASE_SERVICES = ("migrate", "scheduler", "coordinator")
+
+
+@pytest.mark.parametrize("name", DATABASE_SERVICES)
 def test_service_reaches_the_compose_database(name):
     env = environment_of(load_compose({})["services"][name])
     assert env.get("POSTGRES_HOST") == "postgres"
     assert database_url_from_env(env) == "postgresql://distrack:distrack@postgres:5432/distrack"
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
+@pytest.mark.parametrize("name", DATABASE_SERVICES)
 def test_database_credentials_come_from_the_environment(name):
     host_env = {"POSTGRES_DB": "jobs", "POSTGRES_USER": "alice", "POSTGRES_PASSWORD": "p@ss word"}
     expanded = load_compose(host_env)["services"]
@@ -537,6 +541,32 @@ def test_dockerignore_keeps_everything_the_dockerfile_copies():
     assert {"README.md", "setup.cfg", "distrack/cli.py", "sql/queries.sql"} <= set(copied)
     left_out = [path for path in copied if ignored(path, patterns)]
     assert not left_out, f".dockerignore leaves out files the Dockerfile copies: {left_out}"
+
+
+def test_coordinator_and_workers_share_the_cluster_token_from_the_environment():
+    from distrack.transport import security_from_env
+
+    token = "0123456789abcdef0123456789abcdef"
+    expanded = load_compose({"DISTRACK_CLUSTER_TOKEN": token})["services"]
+    for name in ("coordinator", "worker"):
+        assert security_from_env(environment_of(expanded[name])).token == token, name
+    # The scheduler speaks no gRPC: it has no use for the token.
+    assert "DISTRACK_CLUSTER_TOKEN" not in environment_of(expanded["scheduler"])
+    # Unset on the host, it is an empty variable, which means no token (not a start-up error).
+    for name in ("coordinator", "worker"):
+        assert security_from_env(environment_of(load_compose({})["services"][name])).token is None
+
+
+def test_workers_hold_no_database_credentials_a_task_could_find(services):
+    env = environment_of(services["worker"])
+    assert database_url_from_env(env) is None
+    assert not [key for key in env if key.startswith(("POSTGRES_", "PG")) or key == "DATABASE_URL"]
+
+
+def test_tasks_run_in_a_folder_any_worker_user_can_create(services):
+    # WORKER_USER may be any uid, which cannot create folders in /app (owned by the image's user).
+    task_dir = parse_cli(command_of(services["worker"])).task_dir
+    assert task_dir and task_dir.startswith("/tmp/")
 
 
 def test_the_scheduler_gets_the_api_token_from_the_environment():

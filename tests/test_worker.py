@@ -30,15 +30,17 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
             self.heartbeats.append(request)
         return distrack_pb2.HeartbeatResponse()
 
-    def UpdateTaskStatus(self, request, context):
+    def ReportTasks(self, request, context):
+        # Refused or recorded as a whole, like a coordinator whose database is down or up.
         with self.lock:
             if self.refuse_reports > 0:
                 self.refuse_reports -= 1
                 self.refused += 1
                 context.abort(grpc.StatusCode.UNAVAILABLE, "database down (test)")
-            self.reports.append(request)
-            denied = request.status == Status.INPROGRESS and request.task_id in self.deny_start
-        return distrack_pb2.TaskStatusAck(recorded=not denied)
+            self.reports.extend(request.updates)
+            denied = [u.status == Status.INPROGRESS and u.task_id in self.deny_start for u in request.updates]
+        acks = [distrack_pb2.TaskStatusAck(recorded=not d) for d in denied]
+        return distrack_pb2.TaskStatusAcks(acks=acks)
 
     def statuses(self, task_id: str) -> list[int]:
         with self.lock:
@@ -232,3 +234,21 @@ def test_a_worker_fails_over_to_the_next_coordinator(coordinator, tmp_path):
         assert "switching to" in service.log()
     finally:
         service.stop()
+
+
+def test_sigterm_delivered_to_a_thread_other_than_the_main_one_still_stops_the_worker(coordinator, worker):
+    # The kernel may hand a process-directed signal to any thread; the worker must stop all the same.
+    import ctypes
+    import os
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("tgkill's syscall number is x86_64's")
+    service, _ = worker()
+    pid = service.proc.pid
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, "the worker runs several threads"
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234  # x86_64
+    assert libc.syscall(sys_tgkill, pid, others[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+    assert service.proc.wait(10) == 0

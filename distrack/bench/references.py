@@ -1,8 +1,9 @@
 """The machine's limits, measured in the same run as distrack's figures.
 
 - bash: how fast this machine runs `bash -c CMD` with its output to a file, from a pool of threads as
-  large as the benchmark's concurrency, each spawning the command as a worker does (own session,
-  stdin from /dev/null, stdout and stderr to one file) and waiting for it. The limit for shell tasks.
+  large as the benchmark's concurrency, each spawning the command with the worker's own code (own
+  session, stdin from /dev/null, stdout and stderr to one file, posix_spawn) and waiting for it. The
+  limit for shell tasks.
 - PostgreSQL: the same inserts as distrack's, into a scratch table shaped like `tasks` (LIKE tasks
   INCLUDING ALL: same columns, defaults, checks and indexes, no trigger) in the stack's own database:
   single-row INSERTs committed one by one from `concurrency` connections, and one
@@ -17,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -31,6 +31,7 @@ from distrack.bench.config import REFERENCE_S
 from distrack.bench.machine import CpuMeter, CpuUsage
 from distrack.bench.progress import Progress
 from distrack.bench.stats import rate
+from distrack.worker.runner import spawn
 
 BATCH_SIZE = 1000
 # The scratch rows are due in an hour, like the throughput suite's tasks (the value costs nothing).
@@ -98,11 +99,11 @@ def bash_reference(command: str, *, concurrency: int, duration_s: float = REFERE
     out_dir = Path(tempfile.mkdtemp(prefix="distrack-bench-bash-"))
 
     def run_one(index: int) -> int:
-        with open(out_dir / f"{index}.txt", "wb") as out:
-            proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        if proc.wait() != 0:
-            raise RuntimeError(f"exit {proc.returncode}")
+        # Spawned and awaited exactly as a worker does it (the same code), so the ratio compares like
+        # with like.
+        code = spawn(command, out_dir / f"{index}.txt").wait()
+        if code != 0:
+            raise RuntimeError(f"exit {code}")
         return 1
 
     try:

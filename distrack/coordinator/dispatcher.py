@@ -1,6 +1,6 @@
 """Dispatcher: the coordinator's loop that claims due tasks and hands them to workers.
 
-Concurrency: one dispatcher thread runs the loop; SubmitTask and CancelTask calls run on a small
+Concurrency: one dispatcher thread runs the loop; SubmitTasks and CancelTask calls run on a small
 thread pool so one slow worker never holds up the others. The loop wakes on any of: a NOTIFY (new
 task, or a cancel), a freed slot or a new worker (set by the gRPC handlers), the next due
 `scheduled_at`, or the poll interval.
@@ -12,7 +12,7 @@ Each step:
    coordinator, heartbeats need that long to be on record again);
 3. asks workers to stop cancelled tasks;
 4. reserves free slots round-robin, claims that many due tasks in one short transaction that names
-   each task's worker, and dispatches them after it has committed.
+   each task's worker, and dispatches them after it has committed: one SubmitTasks call per worker.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from distrack.coordinator.registry import WorkerInfo, WorkerRegistry
 from distrack.db.store import Attempt, ClaimedTask, EndedAttempt, TaskStore
 from distrack.errors import DatabaseUnavailable
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.transport import TransportSecurity, client_channel
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ DB_RETRY_MAX_S = 2.0
 # the task); other failures are logged louder.
 REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS}
 DISPATCH_THREADS = 16
+# Under load (tasks were claimed less than BUSY_WINDOW_S ago), a wake-up waits LINGER_S before the
+# next claim, so the slots freed meanwhile go out together: one claim and one call per worker for
+# several tasks. An idle coordinator claims at once, so a lone task's pickup is never held back.
+BUSY_WINDOW_S = 0.005
+LINGER_S = 0.002
 CANCEL_TIMEOUT_S = 5.0
 
 WORKER_LOST_ERROR = "worker {worker_id} was lost (no heartbeat for {silent})"
@@ -52,7 +58,8 @@ class WorkerClients:
     """One gRPC channel per worker, reused for every call, keyed by worker id (a new worker at an
     old address gets a channel of its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: TransportSecurity | None = None) -> None:
+        self._security = security or TransportSecurity()
         self._lock = threading.Lock()
         self._stubs: dict[str, tuple[str, grpc.Channel, distrack_pb2_grpc.WorkerStub]] = {}
 
@@ -63,7 +70,7 @@ class WorkerClients:
                 return entry[2]
             if entry is not None:
                 entry[1].close()
-            channel = grpc.insecure_channel(worker.address)
+            channel = client_channel(worker.address, self._security)
             stub = distrack_pb2_grpc.WorkerStub(channel)
             self._stubs[worker.worker_id] = (worker.address, channel, stub)
             return stub
@@ -102,9 +109,11 @@ class Dispatcher:
         self._db_ok_since = time.monotonic()
         self._next_refresh = 0.0
         self._next_sweep = 0.0
+        self._last_claim = 0.0
         # Task ids whose cancel was announced by NOTIFY, or None meaning "look them all up".
         self._cancels: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.dispatched = 0  # tasks a worker accepted from this coordinator (logged at shutdown)
+        self.dispatch_calls = 0
         self._dispatched_lock = threading.Lock()
 
     # --- lifecycle
@@ -121,7 +130,7 @@ class Dispatcher:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True)
         self.clients.close()
-        log.info("dispatched %d task(s)", self.dispatched)
+        log.info("dispatched %d task(s) in %d call(s)", self.dispatched, self.dispatch_calls)
 
     def note_db_failure(self) -> None:
         """Something could not be written (a heartbeat, say): restart the wait before any rescue."""
@@ -148,6 +157,8 @@ class Dispatcher:
                 wait_s = self.config.poll_interval_s
             if wait_s > 0:
                 self.wakeup.wait(wait_s)
+            if time.monotonic() - self._last_claim < BUSY_WINDOW_S:
+                self._stop.wait(LINGER_S)
 
     # --- one step
 
@@ -255,6 +266,8 @@ class Dispatcher:
             for worker in reservations:
                 self.registry.unreserve(worker.worker_id)
             raise
+        if claimed:
+            self._last_claim = time.monotonic()
         if claimed and self.config.fault_claim_delay_s:
             log.warning("testing: pausing %.1f s between claim and dispatch", self.config.fault_claim_delay_s)
             self._stop.wait(self.config.fault_claim_delay_s)
@@ -262,13 +275,17 @@ class Dispatcher:
         unused: dict[str, int] = {}
         for worker in reservations:
             unused[worker.worker_id] = unused.get(worker.worker_id, 0) + 1
+        batches: dict[str, list[ClaimedTask]] = {}
         for task in claimed:
             unused[task.worker_id] -= 1
             self.registry.confirm(task.worker_id, str(task.id))
+            batches.setdefault(task.worker_id, []).append(task)
+        for worker_id, tasks in batches.items():
             try:
-                self._submit_call(self._dispatch, task, by_id[task.worker_id])
-            except RuntimeError:  # the call pool shut down (stopping): hand the task back now
-                self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
+                self._submit_call(self._dispatch, tasks, by_id[worker_id])
+            except RuntimeError:  # the call pool shut down (stopping): hand the tasks back now
+                for task in tasks:
+                    self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
         for worker_id, count in unused.items():
             if count:
                 self.registry.unreserve(worker_id, count)
@@ -278,37 +295,58 @@ class Dispatcher:
         future: Future = self._pool.submit(fn, *args)
         future.add_done_callback(_log_failure)
 
-    def _dispatch(self, task: ClaimedTask, worker: WorkerInfo) -> None:
-        """Sends the task to its worker; on any failure, passes the same lease to the next worker
-        with a free slot, until one takes it or none is left (then it goes back to the queue)."""
-        request = distrack_pb2.TaskRequest(
-            task_id=str(task.id), command=task.command, attempt=task.attempt, lease=task.lease,
-            timeout_seconds=task.timeout_seconds or 0.0,
-        )
+    def _dispatch(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> None:
+        """Sends a worker its tasks in one call; each it does not take is passed on (_pass_on)."""
+        for task, why in self._send(tasks, worker):
+            self._pass_on(task, worker, why)
+
+    def _send(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> list[tuple[ClaimedTask, str]]:
+        """One SubmitTasks call; returns the tasks the worker did not take, each with why."""
+        if self._stop.is_set():
+            return [(task, "stopping") for task in tasks]
+        batch = distrack_pb2.TaskBatch(tasks=[
+            distrack_pb2.TaskRequest(task_id=str(t.id), command=t.command, attempt=t.attempt, lease=t.lease,
+                                     timeout_seconds=t.timeout_seconds or 0.0)
+            for t in tasks
+        ])
+        try:
+            reply = self.clients.stub(worker).SubmitTasks(batch, timeout=self.config.dispatch_timeout_s)
+        except (grpc.RpcError, ValueError) as exc:  # ValueError: its channel was just closed
+            # Whatever the failure, no task of the call can run there: a start needs the coordinator
+            # to record it under this worker's name and lease (the start fence), and passing a task on
+            # takes that name off the row. If the worker did accept one, its start is refused.
+            refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
+            log.log(logging.INFO if refused else logging.WARNING, "worker %s refused a dispatch of %d task(s) (%s)",
+                    worker.worker_id, len(tasks), _describe(exc))
+            self.registry.mark_refusing(worker.worker_id)
+            return [(task, _describe(exc)) for task in tasks]
+        results = {r.task_id: r for r in reply.results}
+        not_taken = []
+        for task in tasks:
+            result = results.get(str(task.id))
+            if result is not None and result.accepted:
+                continue
+            why = distrack_pb2.Refusal.Name(result.refusal) if result is not None else "no answer for it"
+            log.info("worker %s refused %s (%s)", worker.worker_id, task.id, why)
+            not_taken.append((task, why))
+            if result is None or result.refusal != distrack_pb2.OLDER_DISPATCH:
+                self.registry.mark_refusing(worker.worker_id)
+        with self._dispatched_lock:
+            self.dispatched += len(tasks) - len(not_taken)
+            self.dispatch_calls += 1
+        return not_taken
+
+    def _pass_on(self, task: ClaimedTask, worker: WorkerInfo, why: str) -> None:
+        """Passes the same lease to the next worker with a free slot, until one takes the task or none
+        is left (then it goes back to the queue)."""
         tried: set[str] = set()
         while True:
             attempt = Attempt(task.id, task.lease, worker.worker_id)
-            if self._stop.is_set():
-                self._return_to_queue(attempt)
-                return
-            try:
-                self.clients.stub(worker).SubmitTask(request, timeout=self.config.dispatch_timeout_s)
-                with self._dispatched_lock:
-                    self.dispatched += 1
-                return
-            except (grpc.RpcError, ValueError) as exc:  # ValueError: its channel was just closed
-                # Whatever the failure, the task cannot run there: a start needs the coordinator to
-                # record it under this worker's name and lease (the start fence), and reassigning
-                # takes that name off the row. If the worker did accept it, its start is refused.
-                refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
-                log.log(logging.INFO if refused else logging.WARNING, "worker %s refused %s (%s); trying another",
-                        worker.worker_id, task.id, _describe(exc))
             self.registry.release(worker.worker_id, str(task.id))
-            self.registry.mark_refusing(worker.worker_id)
             tried.add(worker.worker_id)
             picks = [] if self._stop.is_set() else self.registry.reserve(1, exclude=tried)
             if not picks:
-                self._return_to_queue(attempt)
+                self._return_to_queue(attempt, release=False)
                 return
             next_worker = picks[0]
             try:
@@ -319,13 +357,19 @@ class Dispatcher:
                 return
             if not moved:  # cancelled meanwhile, or rescued: nothing left to dispatch
                 self.registry.unreserve(next_worker.worker_id)
-                self._return_to_queue(attempt)
+                self._return_to_queue(attempt, release=False)
                 return
+            log.info("passed %s on from %s (%s) to %s", task.id, worker.worker_id, why, next_worker.worker_id)
             self.registry.confirm(next_worker.worker_id, str(task.id))
             worker = next_worker
+            not_taken = self._send([task], worker)
+            if not not_taken:
+                return
+            why = not_taken[0][1]
 
-    def _return_to_queue(self, attempt: Attempt) -> None:
-        self.registry.release(attempt.worker_id, str(attempt.task_id))
+    def _return_to_queue(self, attempt: Attempt, *, release: bool = True) -> None:
+        if release:
+            self.registry.release(attempt.worker_id, str(attempt.task_id))
         try:
             self.store.unclaim(attempt)
         except DatabaseUnavailable as exc:

@@ -1,7 +1,7 @@
 """The coordinator process: gRPC server, LISTEN thread and dispatcher, with one shutdown path.
 
 Concurrency: threads. gRPC handlers run on the server's thread pool, the dispatcher on its own
-thread (with a pool for SubmitTask calls), the listener on another; all share one psycopg pool.
+thread (with a pool for SubmitTasks calls), the listener on another; all share one psycopg pool.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import logging
 import threading
 
 from distrack.config import CoordinatorConfig
-from distrack.coordinator.dispatcher import Dispatcher
+from distrack.coordinator.dispatcher import Dispatcher, WorkerClients
 from distrack.coordinator.registry import WorkerRegistry
 from distrack.coordinator.service import CoordinatorService
 from distrack.db.listener import Listener
 from distrack.db.pool import make_pool
 from distrack.db.store import CANCEL_CHANNEL, QUEUED_CHANNEL, TaskStore
-from distrack.process import grpc_server
+from distrack.process import grpc_server, wait_for_stop
 from distrack.rpc import distrack_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,16 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
     store = TaskStore(pool)
     registry = WorkerRegistry(refusal_backoff_s=config.heartbeat_interval_s)
     wakeup = threading.Event()
-    dispatcher = Dispatcher(store, registry, config, wakeup)
+    dispatcher = Dispatcher(store, registry, config, wakeup, WorkerClients(config.security))
     listener = Listener(config.database_url, [QUEUED_CHANNEL, CANCEL_CHANNEL], dispatcher.on_notify)
-    server, port = grpc_server(config.listen, GRPC_THREADS)
+    server, port = grpc_server(config.listen, GRPC_THREADS, config.security)
     distrack_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, registry, config, wakeup), server)
     try:
         server.start()
         listener.start()
         dispatcher.start()
         log.info("coordinator listening on %s (port %d)", config.listen.bind_target(), port)
-        stop.wait()
+        wait_for_stop(stop)
     finally:
         # Order: stop claiming first, then stop taking reports (letting in-flight ones finish),
         # then the listener, then the pool everything above used.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -92,45 +92,85 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         return distrack_pb2.DeregisterResponse()
 
     def UpdateTaskStatus(self, request: distrack_pb2.TaskStatusUpdate, context: grpc.ServicerContext):
-        task_id = _uuid_or_none(request.task_id)
-        if task_id is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"task_id {request.task_id!r} is not a UUID")
-        if not request.worker_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a status report needs worker_id")
-        if request.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown task status {request.status}")
-        attempt = Attempt(task_id, request.lease, request.worker_id)
-        final = request.status in (Status.COMPLETED, Status.FAILED)
-        if final:
+        ack = self._record_reports([request], context)[0]
+        if ack.error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, ack.error)
+        return ack
+
+    def ReportTasks(self, request: distrack_pb2.TaskStatusReports, context: grpc.ServicerContext):
+        return distrack_pb2.TaskStatusAcks(acks=self._record_reports(request.updates, context))
+
+    def _record_reports(self, updates: Sequence[distrack_pb2.TaskStatusUpdate],
+                        context: grpc.ServicerContext) -> list[distrack_pb2.TaskStatusAck]:
+        """Records a batch of reports in at most four statements (starts, cancelled starts, successes,
+        other ends); a malformed report is answered with its error and the rest still recorded."""
+        acks: list[distrack_pb2.TaskStatusAck | None] = [None] * len(updates)
+        starts: list[tuple[int, Attempt]] = []
+        completions: list[tuple[int, Attempt, int]] = []
+        failures: list[tuple[int, EndedAttempt]] = []
+        for index, update in enumerate(updates):
+            problem = _report_problem(update)
+            if problem:
+                acks[index] = distrack_pb2.TaskStatusAck(error=problem)
+                continue
+            attempt = Attempt(uuid.UUID(update.task_id), update.lease, update.worker_id)
+            if update.status == Status.INPROGRESS:
+                starts.append((index, attempt))
+                continue
             # The worker freed the slot before reporting; free it here even if the write below must
             # be retried, so the capacity shows at once.
-            self.registry.release(request.worker_id, request.task_id)
+            self.registry.release(update.worker_id, update.task_id)
+            if update.status == Status.COMPLETED:
+                completions.append((index, attempt, update.exit_code))
+            else:
+                # Postgres text cannot hold NUL; the rest of the message is kept as the worker wrote it.
+                error = (update.error or f"exited with code {update.exit_code}").replace("\x00", "")
+                failures.append((index, EndedAttempt(attempt, error, update.exit_code)))
+        if completions or failures:
             self.wakeup.set()
         try:
-            recorded = self._record(attempt, request)
+            recorded = self._record(starts, completions, failures)
         except DatabaseUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except DataRejected as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not recorded:
-            log.info("stale %s report for %s (lease %d) from %s refused",
-                     Status.Name(request.status), task_id, request.lease, request.worker_id)
-        return distrack_pb2.TaskStatusAck(recorded=recorded)
+        for index, update in enumerate(updates):
+            if acks[index] is None:
+                acks[index] = distrack_pb2.TaskStatusAck(recorded=index in recorded)
+                if index not in recorded:
+                    log.info("stale %s report for %s (lease %d) from %s refused",
+                             Status.Name(update.status), update.task_id, update.lease, update.worker_id)
+        return acks  # type: ignore[return-value]
 
-    def _record(self, attempt: Attempt, request: distrack_pb2.TaskStatusUpdate) -> bool:
-        if request.status == Status.INPROGRESS:
-            if self.store.mark_running(attempt):
-                return True
-            # Refused. If a cancel is why, the start (or the retry of one whose answer was lost) ends
+    def _record(self, starts: list[tuple[int, Attempt]], completions: list[tuple[int, Attempt, int]],
+                failures: list[tuple[int, EndedAttempt]]) -> set[int]:
+        """The indexes of the reports recorded."""
+        recorded: set[int] = set()
+        if starts:
+            running = self.store.mark_running_many([a for _, a in starts])
+            recorded.update(i for i, a in starts if a.task_id in running)
+            # A start refused because of a cancel (or the retry of one whose answer was lost) ends
             # here: cancelled now, rather than left picked or running with nothing behind it.
-            if self.store.cancel_refused_start(attempt):
-                log.info("task %s cancelled before its start on %s", attempt.task_id, attempt.worker_id)
-            return False
-        if request.status == Status.COMPLETED:
-            return self.store.mark_completed(attempt, request.exit_code)
-        error = request.error or f"exited with code {request.exit_code}"
-        ended = EndedAttempt(attempt, error, request.exit_code)
-        return bool(self.store.end_attempts([ended], self.config.retry_delay_s))
+            refused = [a for _, a in starts if a.task_id not in running]
+            for task_id in self.store.cancel_refused_starts(refused):
+                log.info("task %s cancelled before its start", task_id)
+        if completions:
+            done = self.store.mark_completed_many([(a, code) for _, a, code in completions])
+            recorded.update(i for i, a, _ in completions if a.task_id in done)
+        if failures:
+            ended = self.store.end_attempts([e for _, e in failures], self.config.retry_delay_s)
+            recorded.update(i for i, e in failures if e.attempt.task_id in ended)
+        return recorded
+
+
+def _report_problem(update: distrack_pb2.TaskStatusUpdate) -> str | None:
+    if _uuid_or_none(update.task_id) is None:
+        return f"task_id {update.task_id[:100]!r} is not a UUID"
+    if not update.worker_id or "\x00" in update.worker_id:
+        return "a status report needs a worker_id (without NUL characters)"
+    if update.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED):
+        return f"unknown task status {update.status}"
+    return None
 
 
 def _uuid_or_none(text: str) -> uuid.UUID | None:

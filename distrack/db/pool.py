@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+import weakref
+
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -14,6 +18,23 @@ TCP_USER_TIMEOUT_MS = 15_000
 # connection then starts a fresh attempt at once, so a service answers again within a request or two
 # of the database's return, however long it was away.
 RECONNECT_TIMEOUT_S = 2.0
+# A connection back in the pool for less than this is handed out again without a check (a round trip
+# to the server for every statement would double the cost of a busy service). One that died in that
+# window fails its next statement, which the caller sees as the database being unavailable.
+CHECK_IDLE_AFTER_S = 1.0
+
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
+
+
+def _note_return(conn: psycopg.Connection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    """Checks a connection that sat in the pool a while (a database restart kills idle ones)."""
+    returned = _returned_at.get(conn)
+    if returned is None or time.monotonic() - returned >= CHECK_IDLE_AFTER_S:
+        ConnectionPool.check_connection(conn)
 
 
 def connection_kwargs() -> dict:
@@ -43,7 +64,8 @@ def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name:
         max_size=max_size,
         kwargs=connection_kwargs(),
         # A connection that died while idle (database restart) is replaced before anyone gets it.
-        check=ConnectionPool.check_connection,
+        check=_check_if_idle,
+        reset=_note_return,
         timeout=POOL_TIMEOUT_S,
         reconnect_timeout=RECONNECT_TIMEOUT_S,
         name=name,

@@ -189,14 +189,32 @@ class TaskStore:
 
     def mark_running(self, attempt: Attempt) -> bool:
         """The start fence: True when the worker may (still) run it."""
-        return self._one("mark_running", _fence(attempt)) is not None
+        return attempt.task_id in self.mark_running_many([attempt])
+
+    def mark_running_many(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
+        """The start fence for a batch, in one statement: the ids whose worker may (still) run them."""
+        if not attempts:
+            return set()
+        return {r["id"] for r in self._all("mark_running", _fences(attempts))}
 
     def cancel_refused_start(self, attempt: Attempt) -> bool:
         """After mark_running refused the owner because of a cancel: cancels the task now."""
-        return self._one("cancel_refused_start", _fence(attempt)) is not None
+        return attempt.task_id in self.cancel_refused_starts([attempt])
+
+    def cancel_refused_starts(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
+        if not attempts:
+            return set()
+        return {r["id"] for r in self._all("cancel_refused_starts", _fences(attempts))}
 
     def mark_completed(self, attempt: Attempt, exit_code: int) -> bool:
-        return self._one("mark_completed", {**_fence(attempt), "exit_code": exit_code}) is not None
+        return attempt.task_id in self.mark_completed_many([(attempt, exit_code)])
+
+    def mark_completed_many(self, completed: Sequence[tuple[Attempt, int]]) -> set[uuid.UUID]:
+        """Records successful ends in one statement; the ids still current (the others were stale)."""
+        if not completed:
+            return set()
+        params = {**_fences([a for a, _ in completed]), "exit_codes": [code for _, code in completed]}
+        return {r["id"] for r in self._all("mark_completed", params)}
 
     def end_attempts(self, ended: Sequence[EndedAttempt], retry_delay_s: float) -> dict[uuid.UUID, str]:
         """Ends attempts that did not succeed; returns {task_id: new status} for those still current."""
@@ -268,6 +286,14 @@ class TaskStore:
 
     def cancels_pending(self) -> list[tuple[uuid.UUID, str | None]]:
         return [(r["id"], r["worker_id"]) for r in self._all("cancels_pending")]
+
+
+def _fences(attempts: Sequence[Attempt]) -> dict[str, Any]:
+    return {
+        "ids": [a.task_id for a in attempts],
+        "leases": [a.lease for a in attempts],
+        "worker_ids": [a.worker_id for a in attempts],
+    }
 
 
 def _fence(attempt: Attempt) -> dict[str, Any]:

@@ -45,6 +45,11 @@ class CoordinatorStub:
                 request_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusUpdate.SerializeToString,
                 response_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusAck.FromString,
                 _registered_method=True)
+        self.ReportTasks = channel.unary_unary(
+                '/distrack.Coordinator/ReportTasks',
+                request_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusReports.SerializeToString,
+                response_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusAcks.FromString,
+                _registered_method=True)
         self.Deregister = channel.unary_unary(
                 '/distrack.Coordinator/Deregister',
                 request_serializer=distrack_dot_rpc_dot_distrack__pb2.DeregisterRequest.SerializeToString,
@@ -64,6 +69,13 @@ class CoordinatorServicer:
 
     def UpdateTaskStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTasks(self, request, context):
+        """Several reports in one call (what workers send): each is recorded, or refused, on its own.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -88,6 +100,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UpdateTaskStatus,
                     request_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusUpdate.FromString,
                     response_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusAck.SerializeToString,
+            ),
+            'ReportTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTasks,
+                    request_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusReports.FromString,
+                    response_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskStatusAcks.SerializeToString,
             ),
             'Deregister': grpc.unary_unary_rpc_method_handler(
                     servicer.Deregister,
@@ -161,6 +178,33 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def ReportTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distrack.Coordinator/ReportTasks',
+            distrack_dot_rpc_dot_distrack__pb2.TaskStatusReports.SerializeToString,
+            distrack_dot_rpc_dot_distrack__pb2.TaskStatusAcks.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Deregister(request,
             target,
             options=(),
@@ -203,6 +247,11 @@ class WorkerStub:
                 request_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskRequest.SerializeToString,
                 response_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/distrack.Worker/SubmitTasks',
+                request_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskBatch.SerializeToString,
+                response_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskBatchResponse.FromString,
+                _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/distrack.Worker/CancelTask',
                 request_serializer=distrack_dot_rpc_dot_distrack__pb2.CancelTaskRequest.SerializeToString,
@@ -220,6 +269,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTasks(self, request, context):
+        """Several tasks in one call (what the coordinator sends): each is accepted, or refused, on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -233,6 +289,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskRequest.FromString,
                     response_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=distrack_dot_rpc_dot_distrack__pb2.TaskBatch.FromString,
+                    response_serializer=distrack_dot_rpc_dot_distrack__pb2.TaskBatchResponse.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
@@ -268,6 +329,33 @@ class Worker:
             '/distrack.Worker/SubmitTask',
             distrack_dot_rpc_dot_distrack__pb2.TaskRequest.SerializeToString,
             distrack_dot_rpc_dot_distrack__pb2.TaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distrack.Worker/SubmitTasks',
+            distrack_dot_rpc_dot_distrack__pb2.TaskBatch.SerializeToString,
+            distrack_dot_rpc_dot_distrack__pb2.TaskBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,8 @@ class SchedulerApplication(BaseApplication):
             "loglevel": os.environ.get("DISTRACK_LOG_LEVEL", "info").lower(),
             "worker_exit": _close_pool,
         }
+        if config.https_cert:
+            settings.update(certfile=config.https_cert, keyfile=config.https_key)
         # gunicorn 27 opens a control socket at one fixed path per user, which a second scheduler on
         # the same machine would fight over; distrack does not use it.
         if "control_socket_disable" in self.cfg.settings:

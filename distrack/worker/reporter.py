@@ -1,16 +1,23 @@
-"""CoordinatorClient: a worker's calls to its coordinators (heartbeats, status reports, leaving).
+"""A worker's calls to its coordinators: CoordinatorClient (heartbeats, status reports, leaving) and
+ReportBatcher (status reports queued by the tasks, sent together).
 
 A worker may be given several coordinators: it talks to one and moves to the next when that one is
 unreachable (any coordinator can serve any worker: the registry is shared through PostgreSQL), so
 losing a coordinator does not make its workers look lost to the others. Reports are retried with
 backoff (tenacity) for as long as the worker runs, so an outage loses no report.
+
+Reports go in batches: one thread sends whatever is queued in one ReportTasks call, so a burst of
+starts or ends costs one call and one write per kind instead of one each; a report queued while a
+call is under way goes with the next one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import grpc
 from tenacity import (
@@ -22,6 +29,7 @@ from tenacity import (
 )
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.transport import TransportSecurity, client_channel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,8 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class CoordinatorClient:
-    def __init__(self, targets: Sequence[str], *, report_retry_s: float, stop: threading.Event) -> None:
+    def __init__(self, targets: Sequence[str], *, report_retry_s: float, stop: threading.Event,
+                 security: TransportSecurity | None = None) -> None:
         if not targets:
             raise ValueError("at least one coordinator is needed")
         self.targets = list(targets)
@@ -53,7 +62,7 @@ class CoordinatorClient:
         self._stop = stop
         self._lock = threading.Lock()
         self._current = 0
-        self._channels = [grpc.insecure_channel(t) for t in self.targets]
+        self._channels = [client_channel(t, security or TransportSecurity()) for t in self.targets]
         self._stubs = [distrack_pb2_grpc.CoordinatorStub(c) for c in self._channels]
 
     @property
@@ -89,6 +98,11 @@ class CoordinatorClient:
 
     def report(self, update: distrack_pb2.TaskStatusUpdate) -> bool:
         """Sends one status report, retrying transient failures; returns whether it was recorded."""
+        ack = self.report_many([update])[0]
+        return ack.recorded
+
+    def report_many(self, updates: Sequence[distrack_pb2.TaskStatusUpdate]) -> list[distrack_pb2.TaskStatusAck]:
+        """Sends reports in one call, retrying transient failures; one ack per update, in order."""
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(initial=0.05, max=5.0),
@@ -98,8 +112,11 @@ class CoordinatorClient:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        ack = retrying(self._call, "UpdateTaskStatus", update, REPORT_TIMEOUT_S)
-        return ack.recorded
+        request = distrack_pb2.TaskStatusReports(updates=updates)
+        reply = retrying(self._call, "ReportTasks", request, REPORT_TIMEOUT_S)
+        if len(reply.acks) != len(updates):
+            raise ValueError(f"the coordinator answered {len(reply.acks)} of {len(updates)} reports")
+        return list(reply.acks)
 
     def deregister(self, worker_id: str) -> None:
         try:
@@ -117,3 +134,85 @@ class CoordinatorClient:
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+
+
+# Under load (a call went out less than BUSY_WINDOW_S ago), a batch waits up to LINGER_S for more
+# reports: a call costs the worker and the coordinator far more CPU than another report in it. An idle
+# worker sends at once, so a lone task's start is never held back.
+BUSY_WINDOW_S = 0.005
+LINGER_S = 0.002
+
+
+class ReportBatcher:
+    """Queues status reports and sends them in batches from one thread.
+
+    `submit` returns a Future per report: True when recorded, False when refused as stale, None when it
+    could not be delivered (the coordinator stayed away until the worker stopped, or refused it).
+    """
+
+    def __init__(self, client: CoordinatorClient, *, max_batch: int = 1000) -> None:
+        self.client = client
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[tuple[distrack_pb2.TaskStatusUpdate, Future]] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="reports", daemon=True)
+        self.sent = 0  # reports and the calls they took, logged at shutdown
+        self.calls = 0
+
+    def start(self) -> ReportBatcher:
+        self._thread.start()
+        return self
+
+    def submit(self, updates: Sequence[distrack_pb2.TaskStatusUpdate]) -> list[Future]:
+        futures = [Future() for _ in updates]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the report queue is closed")
+            self._queue.extend(zip(updates, futures, strict=True))
+            self._cond.notify()
+        return futures
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stops after the batch under way (stop the client's retries first); what is left gets None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+        with self._cond:
+            left, self._queue = self._queue, []
+        for _, future in left:
+            future.set_result(None)
+
+    def _run(self) -> None:
+        last_call = 0.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if time.monotonic() - last_call < BUSY_WINDOW_S:
+                    self._cond.wait_for(lambda: len(self._queue) >= self.max_batch or self._closed, LINGER_S)
+                if self._closed:
+                    return
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+            self._send(batch)
+            last_call = time.monotonic()
+
+    def _send(self, batch: list[tuple[distrack_pb2.TaskStatusUpdate, Future]]) -> None:
+        try:
+            acks = self.client.report_many([update for update, _ in batch])
+        except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel was closed at shutdown
+            code = exc.code().name if isinstance(exc, grpc.RpcError) else exc
+            log.error("gave up sending %d status report(s): %s", len(batch), code)
+            for _, future in batch:
+                future.set_result(None)
+            return
+        except BaseException as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            raise
+        self.sent += len(batch)
+        self.calls += 1
+        for (update, future), ack in zip(batch, acks, strict=True):
+            if ack.error:
+                log.error("coordinator rejected the report for %s: %s", update.task_id, ack.error)
+            future.set_result(None if ack.error else ack.recorded)

@@ -1,12 +1,13 @@
 """The worker process: gRPC server, heartbeat thread and task threads, with one shutdown path.
 
-Concurrency: threads. SubmitTask runs on the gRPC server's pool and returns at once; each accepted
-task runs on its own thread (at most `slots`); one thread sends heartbeats.
+Concurrency: threads. SubmitTasks runs on the gRPC server's pool and returns at once; each accepted
+task runs on a thread of a pool of `slots`; one thread sends status reports, one heartbeats.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,10 +15,12 @@ from pathlib import Path
 import grpc
 
 from distrack.config import WorkerConfig
-from distrack.process import grpc_server
+from distrack.process import grpc_server, wait_for_stop
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.transport import describe_rpc_error
+from distrack.worker.environment import TaskEnvironment, prepare_task_dir
 from distrack.worker.identity import advertised_address, new_worker_id
-from distrack.worker.reporter import CoordinatorClient
+from distrack.worker.reporter import CoordinatorClient, ReportBatcher
 from distrack.worker.service import NOT_OWNER, WorkerService
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ class Heartbeats:
                     self.service.stop_runs(list(reply.stop_task_ids), NOT_OWNER)
             except grpc.RpcError as exc:
                 if reachable:
-                    log.warning("heartbeat to %s failed: %s", self.client.target, exc.code().name)
+                    log.warning("heartbeat to %s failed: %s", self.client.target, describe_rpc_error(exc))
                 reachable = False
             except Exception:  # the heartbeat must go on: without it the worker is declared lost
                 log.exception("heartbeat failed")
@@ -78,17 +81,25 @@ class Heartbeats:
 
 def serve(config: WorkerConfig, stop: threading.Event) -> None:
     """Runs a worker until `stop` is set, then shuts down gracefully."""
-    server, port = grpc_server(config.listen, GRPC_THREADS)
+    task_env = TaskEnvironment(prepare_task_dir(config.task_dir), config.task_env_allow)
+    server, port = grpc_server(config.listen, GRPC_THREADS, config.security)
     worker_id = new_worker_id(port)
     address = advertised_address(config.listen, port, config.coordinators[0], config.advertise_host)
-    output_dir = Path(config.output_dir)
+    output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     # Reports keep retrying through the shutdown grace; this event ends them once the worker is done.
     reports_stop = threading.Event()
     client = CoordinatorClient(
-        [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop
+        [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop,
+        security=config.security,
     )
-    service = WorkerService(worker_id, config.slots, output_dir, client, default_timeout_s=config.task_timeout_s)
+    reports = ReportBatcher(client).start()
+    # Tasks start in the task directory: the worker makes it its own working directory (every path it
+    # uses is absolute or already open by now), since posix_spawn, the cheap way to start them, cannot
+    # change directory for the child.
+    os.chdir(task_env.task_dir)
+    service = WorkerService(worker_id, config.slots, output_dir, reports, default_timeout_s=config.task_timeout_s,
+                            task_env=task_env)
     distrack_pb2_grpc.add_WorkerServicer_to_server(service, server)
     heartbeats = Heartbeats(client, service, address, config.heartbeat_interval_s)
     try:
@@ -96,7 +107,8 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
         heartbeats.start()
         log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
                  worker_id, port, address, ",".join(client.targets), config.slots, output_dir.resolve())
-        stop.wait()
+        task_env.log_summary()
+        wait_for_stop(stop)
     finally:
         # Order: take no new task (heartbeats now advertise no slot), let running ones finish within
         # the grace period (cancels still reach them), stop what is left and report it (attempts left
@@ -111,5 +123,7 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
         client.deregister(worker_id)
         server.stop(grace=1.0).wait()
         reports_stop.set()
+        reports.close()
+        service.close()
         client.close()
-        log.info("worker %s stopped", worker_id)
+        log.info("worker %s stopped (%d status report(s) sent in %d call(s))", worker_id, reports.sent, reports.calls)

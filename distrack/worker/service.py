@@ -1,33 +1,44 @@
-"""WorkerService: takes tasks from the coordinator while it has free slots and runs each on a thread.
+"""WorkerService: takes tasks from the coordinator while it has free slots and runs them.
 
-Each task's thread reports INPROGRESS and spawns the command only once the coordinator has recorded
-it (the start fence: a stale or duplicate dispatch never runs anything), waits, frees the slot, then
-reports COMPLETED or FAILED. The slot is freed before the final report so the coordinator, which
-frees it on that report, never sees a slot it cannot use. A run is stopped early when it is
-cancelled, when a heartbeat says this worker no longer owns it, or when the worker shuts down; its
-final report still goes out and ends the attempt.
+Each accepted task runs on a thread of a pool as large as the slots. Its start report (INPROGRESS) is
+queued as the task is accepted, so a batch dispatched together starts with one report; the command is
+spawned only once the coordinator has recorded that start (the start fence: a stale or duplicate
+dispatch never runs anything). When it ends, the slot is freed and the final report (COMPLETED or
+FAILED) queued; the task stays "unfinished" until that report is settled. The slot is freed before the
+final report so the coordinator, which frees it on that report, never sees a slot it cannot use. A run
+is stopped early when it is cancelled, when a heartbeat says this worker no longer owns it, or when the
+worker shuts down; its final report still goes out and ends the attempt.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
-from distrack.worker.reporter import CoordinatorClient
+from distrack.worker.environment import TaskEnvironment
+from distrack.worker.reporter import ReportBatcher
 from distrack.worker.runner import CommandRun, Outcome, output_path
 
 log = logging.getLogger(__name__)
 
 Status = distrack_pb2.TaskStatus
+Refusal = distrack_pb2.Refusal
 NOT_OWNER = "stopped: the coordinator no longer assigns this attempt to this worker"
 SHUTDOWN = "stopped: the worker shut down before the task finished"
+# The status a single SubmitTask call fails with, for each reason a task is refused.
+REFUSAL_CODES = {
+    Refusal.FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+    Refusal.OLDER_DISPATCH: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+}
 
 
 @dataclass
@@ -39,13 +50,16 @@ class Run:
 
 class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def __init__(
-        self, worker_id: str, slots: int, output_dir: Path, coordinator: CoordinatorClient,
-        *, default_timeout_s: float = 0.0,
+        self, worker_id: str, slots: int, output_dir: Path, reports: ReportBatcher,
+        *, default_timeout_s: float = 0.0, task_env: TaskEnvironment | None = None,
     ) -> None:
         self.worker_id = worker_id
+        # Never the worker's own environment, even when the caller gives no task environment. Tasks
+        # run in the worker's working directory, which serve() makes the task directory.
+        self.task_env = task_env or TaskEnvironment(Path.cwd())
         self.slots = slots
         self.output_dir = output_dir
-        self.coordinator = coordinator
+        self.reports = reports
         self.default_timeout_s = default_timeout_s
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
@@ -54,6 +68,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         self._unfinished: set[str] = set()
         self._accepting = True
         self._idle = threading.Condition(self._lock)
+        self._threads = ThreadPoolExecutor(max(slots, 1), thread_name_prefix="task")
 
     # --- what the heartbeat says
 
@@ -72,29 +87,54 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
 
     # --- gRPC
 
+    def SubmitTasks(self, request: distrack_pb2.TaskBatch, context: grpc.ServicerContext):
+        return distrack_pb2.TaskBatchResponse(results=self._accept(request.tasks))
+
     def SubmitTask(self, request: distrack_pb2.TaskRequest, context: grpc.ServicerContext):
+        result = self._accept([request])[0]
+        if not result.accepted:
+            context.abort(REFUSAL_CODES[result.refusal], result.message)
+        return result
+
+    def _accept(self, requests) -> list[distrack_pb2.TaskResponse]:  # noqa: ANN001 - a repeated TaskRequest
+        """Takes each task it has a slot for, then queues the start reports of all it took at once."""
+        results: list[distrack_pb2.TaskResponse] = []
+        accepted: list[tuple[str, Run]] = []
+        with self._lock:
+            for request in requests:
+                task_id, refusal, message = self._admit(request)
+                if refusal == Refusal.REFUSAL_UNSPECIFIED and message is None:
+                    run = Run(request.attempt, request.lease, self._command_run(task_id, request))
+                    self._runs[task_id] = run
+                    self._unfinished.add(task_id)
+                    accepted.append((task_id, run))
+                results.append(distrack_pb2.TaskResponse(
+                    task_id=request.task_id, accepted=refusal == Refusal.REFUSAL_UNSPECIFIED, refusal=refusal,
+                    message=message or ""))
+        if accepted:
+            starts = self.reports.submit([self._update(task_id, run, Status.INPROGRESS) for task_id, run in accepted])
+            for (task_id, run), start in zip(accepted, starts, strict=True):
+                self._threads.submit(self._run, task_id, run, start)
+        return results
+
+    def _admit(self, request: distrack_pb2.TaskRequest) -> tuple[str, int, str | None]:
+        """(canonical task id, refusal, message); no refusal and no message means a new run. Holds _lock."""
         try:
             task_id = str(uuid.UUID(request.task_id))
         except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"task_id {request.task_id!r} is not a UUID")
+            return request.task_id, Refusal.INVALID, f"task_id {request.task_id[:100]!r} is not a UUID"
         if not request.command:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "command is empty")
-        with self._lock:
-            run = self._runs.get(task_id)
-            if run is not None:
-                if run.lease == request.lease:
-                    return distrack_pb2.TaskResponse(accepted=True, message="already running")
-                context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                              f"still running an older dispatch of this task (lease {run.lease})")
-            if not self._accepting:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
-            if len(self._runs) >= self.slots:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.slots} slot(s) are busy")
-            run = Run(request.attempt, request.lease, self._command_run(task_id, request))
-            self._runs[task_id] = run
-            self._unfinished.add(task_id)
-        threading.Thread(target=self._run, args=(task_id, run), name=f"task-{task_id[:8]}", daemon=True).start()
-        return distrack_pb2.TaskResponse(accepted=True)
+            return task_id, Refusal.INVALID, "command is empty"
+        run = self._runs.get(task_id)
+        if run is not None:
+            if run.lease == request.lease:
+                return task_id, Refusal.REFUSAL_UNSPECIFIED, "already running"
+            return task_id, Refusal.OLDER_DISPATCH, f"still running an older dispatch of this task (lease {run.lease})"
+        if not self._accepting:
+            return task_id, Refusal.SHUTTING_DOWN, "worker is shutting down"
+        if len(self._runs) >= self.slots:
+            return task_id, Refusal.FULL, f"all {self.slots} slot(s) are busy"
+        return task_id, Refusal.REFUSAL_UNSPECIFIED, None
 
     def CancelTask(self, request: distrack_pb2.CancelTaskRequest, context: grpc.ServicerContext):
         with self._lock:
@@ -130,21 +170,22 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
 
     # --- one task
 
+    def close(self) -> None:
+        """Releases the task threads (after stop_all or wait_idle)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
     def _command_run(self, task_id: str, request: distrack_pb2.TaskRequest) -> CommandRun:
-        # The task learns who it is: handy for idempotent commands and for counting executions.
-        env = dict(os.environ, DISTRACK_TASK_ID=task_id, DISTRACK_ATTEMPT=str(request.attempt),
-                   DISTRACK_WORKER_ID=self.worker_id)
         return CommandRun(
             request.command,
             output_path(self.output_dir, self.worker_id, task_id),
             request.timeout_seconds or self.default_timeout_s,
-            env,
+            self.task_env.for_task(task_id, request.attempt, self.worker_id),
         )
 
-    def _run(self, task_id: str, run: Run) -> None:
+    def _run(self, task_id: str, run: Run, start: Future) -> None:
         outcome: Outcome | None = None
         try:
-            if not self._report(task_id, run, Status.INPROGRESS):
+            if not self._settled(task_id, Status.INPROGRESS, start.result()):
                 # Not this worker's to run (stale, cancelled, or the coordinator stayed unreachable
                 # until shutdown): nothing started, so there is nothing to report either.
                 log.info("not starting %s: the coordinator did not record its start", task_id)
@@ -161,18 +202,32 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         finally:
             with self._lock:
                 self._runs.pop(task_id, None)
-            try:
-                if outcome is not None:
-                    status = Status.COMPLETED if outcome.succeeded else Status.FAILED
-                    self._report(task_id, run, status, outcome)
-            finally:
-                with self._lock:
-                    self._unfinished.discard(task_id)
-                    self._idle.notify_all()
+            if outcome is None:
+                self._finished(task_id)
+            else:
+                status = Status.COMPLETED if outcome.succeeded else Status.FAILED
+                try:
+                    final = self.reports.submit([self._update(task_id, run, status, outcome)])[0]
+                except Exception:  # the reporter was closed (shutdown): nothing more can be said
+                    log.error("could not queue the %s report for %s", Status.Name(status), task_id)
+                    self._finished(task_id)
+                else:
+                    final.add_done_callback(lambda f: self._final_settled(task_id, status, f))
 
-    def _report(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None) -> bool | None:
-        """Sends a report; True if recorded, False if refused as stale, None if it could not be sent."""
-        update = distrack_pb2.TaskStatusUpdate(
+    def _final_settled(self, task_id: str, status: int, report: Future) -> None:
+        try:
+            self._settled(task_id, status, report.result())
+        finally:
+            self._finished(task_id)
+
+    def _finished(self, task_id: str) -> None:
+        with self._lock:
+            self._unfinished.discard(task_id)
+            self._idle.notify_all()
+
+    def _update(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None
+                ) -> distrack_pb2.TaskStatusUpdate:
+        return distrack_pb2.TaskStatusUpdate(
             task_id=task_id,
             worker_id=self.worker_id,
             status=status,
@@ -182,13 +237,12 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             error=(outcome.error or "") if outcome else "",
             cancelled=outcome.cancelled if outcome else False,
         )
-        try:
-            recorded = self.coordinator.report(update)
-        except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel was closed at shutdown
-            code = exc.code().name if isinstance(exc, grpc.RpcError) else exc
-            log.error("gave up reporting %s for %s: %s", Status.Name(status), task_id, code)
-            return None
-        if not recorded:
-            log.info("coordinator refused %s for %s (lease %d is not current)", Status.Name(status), task_id,
-                     run.lease)
-        return recorded
+
+    @staticmethod
+    def _settled(task_id: str, status: int, recorded: bool | None) -> bool:
+        """Logs how a report ended (True recorded, False refused as stale, None not delivered)."""
+        if recorded is None:
+            log.error("gave up reporting %s for %s", Status.Name(status), task_id)
+        elif not recorded:
+            log.info("coordinator refused %s for %s (its lease is not current)", Status.Name(status), task_id)
+        return bool(recorded)

@@ -131,8 +131,8 @@ class ComposeCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(DROPPED_ENV)}
         env.update(POSTGRES_HOST="postgres", POSTGRES_PORT="5432", POSTGRES_USER="postgres", POSTGRES_DB="postgres",
                    PYTHONUNBUFFERED="1", DISTRACK_LOG_LEVEL="INFO",
-                   # Task commands inherit it, so the ones a cut-off worker leaves behind can be found.
-                   DISTRACK_TEST_CLUSTER=self.marker)
+                   # Task commands get it (allow-listed), so the ones a cut-off worker leaves behind can be found.
+                   DISTRACK_TEST_CLUSTER=self.marker, DISTRACK_TASK_ENV_ALLOW="DISTRACK_TEST_CLUSTER")
         return env
 
     def distrack(self, host: str, *argv: str) -> subprocess.Popen:
