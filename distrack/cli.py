@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from distrack import config as cfg
+from distrack.apitoken import api_token_from_env
 from distrack.db.store import MAX_RETRY_DELAY_S
 from distrack.errors import ConfigError, DistrackError
 from distrack.transport import TransportSecurity, load_cert_pair, security_from_env
@@ -364,7 +365,7 @@ def _run(args: argparse.Namespace) -> int:
                 http_workers=args.http_workers,
                 http_threads=args.http_threads,
                 max_body_bytes=args.max_body_bytes,
-                api_token=cfg.api_token_from_env(),
+                api_token=api_token_from_env(),
                 **_https(args),
             )
         )

@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any
 
+from distrack.apitoken import api_token_from_env
 from distrack.bench.client import ApiError, SchedulerClient, TransportError, normalize_url
-from distrack.config import api_token_from_env
 from distrack.errors import ConfigError
 
 DEFAULT_URL = "http://localhost:8081"

@@ -24,7 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distrack.config import api_token_from_env, database_url_from_env
+from distrack.apitoken import api_token_from_env
+from distrack.config import database_url_from_env
 from distrack.db.embedded import EmbeddedPostgres, default_data_dir
 from distrack.db.migrate import migrate
 

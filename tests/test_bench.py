@@ -581,3 +581,14 @@ def test_progress_is_silent_when_not_a_terminal():
     progress.update("submitted 1/2", force=True)
     progress.clear()
     assert stream.getvalue() == ""
+
+
+def test_the_single_run_needs_only_the_standard_library():
+    """scripts/benchmark.sh may run it with a bare python3: reading the token must not import grpc."""
+    import subprocess
+    import sys
+
+    code = ("import sys, distrack.bench.cli as c; c.parse_args([], env={'DISTRACK_API_TOKEN': 'x'}); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'psycopg', 'falcon', 'gunicorn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -83,14 +83,14 @@ TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 def test_no_token_configured_is_none():
-    from distrack.config import api_token_from_env
+    from distrack.apitoken import api_token_from_env
 
     assert api_token_from_env({}) is None
     assert api_token_from_env({"DISTRACK_API_TOKEN": ""}) is None  # compose's ${DISTRACK_API_TOKEN:-}
 
 
 def test_token_from_the_environment_or_a_file(tmp_path):
-    from distrack.config import api_token_from_env
+    from distrack.apitoken import api_token_from_env
 
     assert api_token_from_env({"DISTRACK_API_TOKEN": TOKEN}) == TOKEN
     assert api_token_from_env({"DISTRACK_API_TOKEN": f" {TOKEN}\n"}) == TOKEN  # as the cluster token
@@ -115,7 +115,7 @@ def test_token_from_the_environment_or_a_file(tmp_path):
     ],
 )
 def test_unusable_token_settings_are_a_clear_config_error(tmp_path, setup, message):
-    from distrack.config import api_token_from_env
+    from distrack.apitoken import api_token_from_env
 
     path = tmp_path / "token"
     contents = {"empty": b"", "newline only": b"\n", "not utf-8": b"\xff\xfe" + TOKEN.encode(),

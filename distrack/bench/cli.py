@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from distrack.apitoken import api_token_from_env
 from distrack.bench import config as cfg
 from distrack.bench.client import normalize_url
 from distrack.bench.config import BenchConfig, SuiteConfig, expand_suites
-from distrack.config import api_token_from_env
 from distrack.errors import ConfigError
 
 EPILOG = """\

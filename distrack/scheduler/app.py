@@ -14,7 +14,8 @@ from typing import Any
 
 import falcon
 
-from distrack.config import api_token_from_env, require_database_url
+from distrack.apitoken import api_token_from_env
+from distrack.config import require_database_url
 from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
