@@ -1,4 +1,5 @@
-"""The `distrack` command: one subcommand per service, plus `migrate` and `up`.
+"""The `distrack` command: one subcommand per service, plus `migrate` and `up`, and the client
+commands `submit`, `status` and `cancel` that talk to a running scheduler.
 
 Flags keep the seed's spelling (`--scheduler_port=:8081`); the dashed spelling works too.
 """
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from distrack import config as cfg
+from distrack.apitoken import api_token_from_env
 from distrack.db.store import MAX_RETRY_DELAY_S
 from distrack.errors import ConfigError, DistrackError
 from distrack.transport import TransportSecurity, load_cert_pair, security_from_env
@@ -165,14 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distrack",
         description="A distributed task scheduler for shell commands, with PostgreSQL as its queue.",
         epilog="Database: DATABASE_URL, or POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_HOST "
-        "(default localhost), POSTGRES_PORT (default 5432).",
+        "(default localhost), POSTGRES_PORT (default 5432). HTTP API token: DISTRACK_API_TOKEN or "
+        "DISTRACK_API_TOKEN_FILE.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "scheduler",
         help="HTTP API that accepts tasks and answers status (gunicorn)",
-        description="Serves POST /schedule and GET /status over HTTP with gunicorn.",
+        description="Serves POST /schedule and GET /status over HTTP with gunicorn. With DISTRACK_API_TOKEN "
+        "(or DISTRACK_API_TOKEN_FILE, a file holding it) set, every request but GET /health needs "
+        "'Authorization: Bearer <token>'; without one, listening beyond loopback logs a warning.",
     )
     _flag(
         p,
@@ -290,7 +295,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_options(p)
     _add_heartbeat_interval(p)
     _add_coordinator_tuning(p)
+    _add_client_commands(sub)
     return parser
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    token_note = ("Sends DISTRACK_API_TOKEN (or the contents of DISTRACK_API_TOKEN_FILE) as a bearer token "
+                  "when set. Prints the task as JSON; exits 1 when the scheduler refuses or cannot be reached.")
+
+    def url_flag(parser: argparse.ArgumentParser) -> None:
+        _flag(parser, "url", default=None,
+              help="the scheduler's base URL (default: $SCHEDULER_URL, else http://localhost:8081)")
+
+    p = sub.add_parser("submit", help="schedule a command on a running scheduler",
+                       description="Schedules COMMAND (POST /schedule). " + token_note)
+    p.add_argument("task_command", metavar="COMMAND", help="the shell command, run with `bash -c`")
+    _flag(p, "delay_seconds", type=float, default=0.0, help="seconds from now until it is due (default 0)")
+    _flag(p, "max_attempts", type=int, default=None, help="runs allowed, 1 to 100 (default 1)")
+    _flag(p, "timeout_seconds", type=float, default=None, help="kill the command after this many seconds")
+    url_flag(p)
+    for name, text in (("status", "shows a task's status (GET /tasks/ID)"),
+                       ("cancel", "cancels a queued or running task (POST /tasks/ID/cancel)")):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ". " + token_note)
+        p.add_argument("task_id", metavar="TASK_ID")
+        url_flag(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -337,6 +365,7 @@ def _run(args: argparse.Namespace) -> int:
                 http_workers=args.http_workers,
                 http_threads=args.http_threads,
                 max_body_bytes=args.max_body_bytes,
+                api_token=api_token_from_env(),
                 **_https(args),
             )
         )
@@ -386,4 +415,8 @@ def _run(args: argparse.Namespace) -> int:
         from distrack.up import run_up
 
         return run_up(args)
+    if args.command in ("submit", "status", "cancel"):
+        from distrack.client import run_client
+
+        return run_client(args)
     raise AssertionError(args.command)

@@ -6,7 +6,9 @@ service starts, so tests can hand each service its own settings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -104,6 +106,22 @@ def require_database_url(env: Mapping[str, str] | None = None) -> str:
     return url
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only. '' (every interface) is not; a
+    name counts only when every address it resolves to is a loopback one."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     database_url: str
@@ -115,6 +133,8 @@ class SchedulerConfig:
     # HTTPS through gunicorn when both are set (PEM files).
     https_cert: str | None = None
     https_key: str | None = None
+    # None: no token, every request is served. Kept out of repr so it never reaches a log.
+    api_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

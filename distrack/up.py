@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distrack.apitoken import api_token_from_env
 from distrack.config import database_url_from_env
 from distrack.db.embedded import EmbeddedPostgres, default_data_dir
 from distrack.db.migrate import migrate
@@ -131,6 +132,15 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _auth_option(token: str | None) -> str:
+    """The curl option that sends the token, naming where it comes from, never the token itself."""
+    if token is None:
+        return ""
+    if os.environ.get("DISTRACK_API_TOKEN_FILE"):
+        return ' -H "Authorization: Bearer $(cat $DISTRACK_API_TOKEN_FILE)"'
+    return ' -H "Authorization: Bearer $DISTRACK_API_TOKEN"'
+
+
 def run_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
@@ -142,6 +152,9 @@ def run_up(args: argparse.Namespace) -> int:
 
     embedded: EmbeddedPostgres | None = None
     children: list[Child] = []
+    # The scheduler child reads the same variables (its environment is this one); checking them
+    # here fails a bad token file in one line, before PostgreSQL starts.
+    token = api_token_from_env()
     try:
         _check_port_free(args.host, args.scheduler_port, "scheduler")
         _check_port_free(args.host, args.coordinator_port, "coordinator")
@@ -224,7 +237,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(
             "distrack is up:\n"
             + "\n".join(lines)
-            + f'\nTry: curl -X POST {scheduler_url}/schedule -d \'{{"command": "echo hello", '
+            + f'\nTry: curl -X POST {scheduler_url}/schedule{_auth_option(token)} -d \'{{"command": "echo hello", '
             '"delay_seconds": 0}\'\nCtrl-C stops everything.',
             flush=True,
         )

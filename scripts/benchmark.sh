@@ -17,6 +17,9 @@
 #   temporary embedded PostgreSQL and stop it afterwards (the scaling suite always does).
 #   Exit status: 0 every task completed, 1 some did not, 2 usage error or no stack.
 #
+# Both modes send DISTRACK_API_TOKEN (or the contents of the file DISTRACK_API_TOKEN_FILE names) as
+# `Authorization: Bearer <token>` when set.
+#
 # The Python used is $DISTRACK_PYTHON, else the repository's .venv/bin/python, else python3. The
 # single run needs only the standard library; the suites need distrack's dependencies installed.
 set -euo pipefail

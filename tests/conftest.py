@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import Cluster, with_database
+from helpers import REPORTS, Cluster, with_database
 from psycopg import sql
 
 from distrack.db.embedded import EmbeddedPostgres
@@ -79,6 +79,19 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@pytest.fixture(scope="module")
+def module_db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """Like db_url, shared by the tests of one module (for a service they all talk to)."""
+    name = f"distrack_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
+        )
+    yield with_database(server_url, name)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def store(db_url: str) -> Iterator[TaskStore]:
     pool = make_pool(db_url, max_size=4, name="test")
@@ -105,8 +118,30 @@ def cluster(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
             print(c.logs())
 
 
+@pytest.fixture(scope="module")
+def secured_cluster(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A live scheduler (a real gunicorn on a free loopback port) that requires a fresh random token,
+    `cluster.api_token`, with its access log on, so tests can check the token never reaches a log."""
+    import secrets
+
+    c = Cluster(module_db_url, tmp_path_factory.mktemp("secured"))
+    c.api_token = secrets.token_urlsafe(32)  # type: ignore[attr-defined]
+    try:
+        c.scheduler(env_extra={"DISTRACK_API_TOKEN": c.api_token, "DISTRACK_ACCESS_LOG": "-"})  # type: ignore[attr-defined]
+        yield c
+    finally:
+        c.stop_all()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for title, lines in terminalreporter.config.stash.get(REPORTS, []):
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)

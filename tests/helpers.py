@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_HEARTBEAT_S = 0.2
 
 
+# Tables that tests hand over to be printed after the run (pytest's terminal summary), e.g. what each
+# attack on the API got back: output printed during a test or fixture is captured, this is not.
+REPORTS = pytest.StashKey[list[tuple[str, list[str]]]]()
+
+
+def add_report(config: pytest.Config, title: str, lines: list[str]) -> None:
+    config.stash.setdefault(REPORTS, []).append((title, lines))
+
+
 def wait_for(
     condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
 ) -> object:
@@ -185,7 +194,7 @@ class Cluster:
 
         wait_for(joined, timeout, what=f"{count} worker(s) to join")
 
-    def scheduler(self, *extra: str) -> Service:
+    def scheduler(self, *extra: str, env_extra: dict[str, str] | None = None) -> Service:
         service = self.start(
             "scheduler",
             [
@@ -194,6 +203,7 @@ class Cluster:
                 "--http_workers=2",
                 *extra,
             ],
+            {**self.env, **(env_extra or {})},
         )
         self.wait_port(self.scheduler_port, service)
         return service
@@ -236,8 +246,10 @@ def kill_marked_processes(marker: str) -> None:
 class Api:
     """A small JSON client for the scheduler's HTTP API."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # Sent with every request unless the call passes its own Authorization header.
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def request(
         self,
@@ -250,7 +262,8 @@ class Api:
         data = (
             json.dumps(body).encode() if isinstance(body, dict) else (body.encode() if isinstance(body, str) else body)
         )
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers or {})
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={**self.auth, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 status, raw = resp.status, resp.read()

@@ -159,6 +159,22 @@ def test_token_comes_from_the_environment_and_is_not_shown():
     assert parse_args([], env={"DISTRACK_API_TOKEN": ""}).token is None
 
 
+def test_token_comes_from_a_file_too(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    assert parse_args([], env={"DISTRACK_API_TOKEN_FILE": str(token_file)}).token == "s3cret"
+    assert parse_args(["-s", "latency"], env={"DISTRACK_API_TOKEN_FILE": str(token_file)}).token == "s3cret"
+
+
+@pytest.mark.parametrize("env", [{"DISTRACK_API_TOKEN": "a", "DISTRACK_API_TOKEN_FILE": "/x"},
+                                 {"DISTRACK_API_TOKEN_FILE": "/nonexistent/token"}])
+def test_an_unusable_token_setting_is_a_usage_error(env, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args([], env=env)
+    assert info.value.code == 2
+    assert "DISTRACK_API_TOKEN" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -567,3 +583,14 @@ def test_progress_is_silent_when_not_a_terminal():
     progress.update("submitted 1/2", force=True)
     progress.clear()
     assert stream.getvalue() == ""
+
+
+def test_the_single_run_needs_only_the_standard_library():
+    """scripts/benchmark.sh may run it with a bare python3: reading the token must not import grpc."""
+    import subprocess
+    import sys
+
+    code = ("import sys, distrack.bench.cli as c; c.parse_args([], env={'DISTRACK_API_TOKEN': 'x'}); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'psycopg', 'falcon', 'gunicorn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

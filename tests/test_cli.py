@@ -85,3 +85,16 @@ def test_a_worker_may_be_given_several_coordinators():
     assert args.coordinator == (Address("c1", 8080), Address("c2", 9090))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["worker", "--coordinator=c1:8080,:0"])
+
+
+@pytest.mark.parametrize("subcommand", ["submit", "status", "cancel"])
+def test_client_commands_explain_the_token_and_the_url(subcommand):
+    out = subprocess.run([sys.executable, "-m", "distrack", subcommand, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for word in ("DISTRACK_API_TOKEN", "DISTRACK_API_TOKEN_FILE", "SCHEDULER_URL", "--url"):
+        assert word in out.stdout, word
+
+
+def test_scheduler_help_explains_the_token():
+    out = subprocess.run([sys.executable, "-m", "distrack", "scheduler", "--help"], capture_output=True, text=True)
+    assert "DISTRACK_API_TOKEN" in out.stdout and "/health" in out.stdout

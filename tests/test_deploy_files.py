@@ -567,3 +567,10 @@ def test_tasks_run_in_a_folder_any_worker_user_can_create(services):
     # WORKER_USER may be any uid, which cannot create folders in /app (owned by the image's user).
     task_dir = parse_cli(command_of(services["worker"])).task_dir
     assert task_dir and task_dir.startswith("/tmp/")
+
+
+def test_the_scheduler_gets_the_api_token_from_the_environment():
+    env = environment_of(load_compose({"DISTRACK_API_TOKEN": "s3cret"})["services"]["scheduler"])
+    assert env["DISTRACK_API_TOKEN"] == "s3cret"
+    # Unset, it is empty, which the scheduler takes as no token (distrack.apitoken.api_token_from_env).
+    assert environment_of(load_compose({})["services"]["scheduler"])["DISTRACK_API_TOKEN"] == ""

@@ -14,10 +14,11 @@ pytestmark = pytest.mark.slow
 
 
 class Up:
-    def __init__(self, tmp_path: Path, data_dir: Path, workers: int = 2) -> None:
+    def __init__(self, tmp_path: Path, data_dir: Path, workers: int = 2, env_extra: dict | None = None) -> None:
         self.scheduler_port = free_port()
         self.log_path = tmp_path / f"up-{self.scheduler_port}.log"
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("POSTGRES_")}
+        env.update(env_extra or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
@@ -175,3 +176,31 @@ def test_a_port_with_connections_in_time_wait_is_free_for_up():
     client.close()
     server.close()
     _check_port_free("127.0.0.1", port, "scheduler")  # only TIME_WAIT left: free
+
+
+def test_up_passes_the_api_token_to_its_scheduler(tmp_path, data_dir):
+    token = "up-token-0123456789abcdef"
+    up = Up(tmp_path, data_dir, workers=1, env_extra={"DISTRACK_API_TOKEN": token})
+    try:
+        up.wait_up()
+        url = f"http://127.0.0.1:{up.scheduler_port}"
+        assert Api(url).request("POST", "/schedule", {"command": "true"})[0] == 401
+        api = Api(url, token=token)
+        assert api.wait_final(api.schedule("echo with-token")["task_id"])["status"] == "completed"
+        # Its hint shows how to send the token without printing it.
+        assert '-H "Authorization: Bearer $DISTRACK_API_TOKEN"' in up.log()
+    finally:
+        assert up.stop() == 0, up.log()
+    assert token not in up.log()
+
+
+def test_up_refuses_a_bad_token_file_before_starting_anything(tmp_path, data_dir):
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("POSTGRES_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "distrack", "up", f"--data_dir={data_dir}", f"--scheduler_port={free_port()}"],
+        env={**env, "DISTRACK_API_TOKEN_FILE": str(tmp_path / "missing")},
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "distrack up: cannot read the API token from DISTRACK_API_TOKEN_FILE" in out.stderr
+    assert not data_dir.exists(), "PostgreSQL was started although the token file is missing"

@@ -122,3 +122,21 @@ def test_batch_size_limit():
         MAX_BATCH_TASKS)
     with pytest.raises(InvalidInput, match="the limit is"):
         parse_batch_request(json.dumps({"tasks": [{"command": "x"}] * (MAX_BATCH_TASKS + 1)}).encode())
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_explained_once(constant):
+    with pytest.raises(InvalidInput) as info:
+        parse_schedule_request(b'{"command": "x", "delay_seconds": %s}' % constant.encode())
+    assert str(info.value) == f"body is not valid JSON: {constant} is not a JSON number"
+
+
+def test_range_messages_show_the_limit_in_full():
+    with pytest.raises(InvalidInput) as info:
+        parse({"command": "x", "delay_seconds": MAX_DELAY_SECONDS + 1})
+    assert str(info.value) == f"delay_seconds must be between 0 and {MAX_DELAY_SECONDS}, not {MAX_DELAY_SECONDS + 1}"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(3.0, 3), (1e2, 100), (1, 1)])
+def test_integral_numbers_are_integers(value, expected):
+    assert parse({"command": "x", "max_attempts": value}).max_attempts == expected

@@ -10,9 +10,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from distrack.apitoken import api_token_from_env
 from distrack.bench import config as cfg
 from distrack.bench.client import normalize_url
 from distrack.bench.config import BenchConfig, SuiteConfig, expand_suites
+from distrack.errors import ConfigError
 
 EPILOG = """\
 Without --suite: the seed's single run against a running scheduler (-u). Exit status: 0 all tasks
@@ -30,8 +32,8 @@ not, 2 usage error or no stack.
 
 Environment: SCHEDULER_URL (-u), NUM_TASKS (-n; default 50, 100 for suites), DELAY_SECONDS (-d; default
 0, 1 for suites), CONCURRENCY (--concurrency), WORKER_COUNT (--workers); DATABASE_URL or POSTGRES_*
-lets the suites read tasks and insert reference rows directly; DISTRACK_API_TOKEN is sent as a bearer
-token."""
+lets the suites read tasks and insert reference rows directly; DISTRACK_API_TOKEN (or the contents of
+the file DISTRACK_API_TOKEN_FILE names) is sent as a bearer token."""
 
 
 def _number(kind: type, *, minimum: float, inclusive: bool) -> Callable[[str], Any]:
@@ -153,7 +155,10 @@ def parse_args(
     suite = args.suite is not None
     concurrency = pick(args.concurrency, "CONCURRENCY", _positive_int, "--concurrency",
                        cfg.SUITE_CONCURRENCY if suite else cfg.DEFAULT_CONCURRENCY)
-    token = env.get("DISTRACK_API_TOKEN") or None
+    try:
+        token = api_token_from_env(env)
+    except ConfigError as exc:
+        parser.error(str(exc))
     common = {
         "poll_interval_s": args.poll_interval_s,
         "timeout_s": args.timeout_s,

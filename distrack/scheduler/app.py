@@ -7,16 +7,20 @@ and is what gunicorn loads in each worker process after the fork, e.g.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import falcon
 
+from distrack.apitoken import api_token_from_env
 from distrack.config import require_database_url
 from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
+from distrack.scheduler.auth import BearerAuth
+from distrack.scheduler.openapi import openapi_document
 from distrack.scheduler.validation import InvalidInput, parse_batch_request, parse_schedule_request, parse_task_id
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -97,8 +101,10 @@ class StatusResource:
         self.store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        task_id = parse_task_id(req.get_param("task_id"))
-        resp.media = self._get(task_id)
+        value = req.params.get("task_id")
+        if isinstance(value, list):  # ?task_id=a&task_id=b: which one was meant is anyone's guess
+            raise InvalidInput(f"task_id is given {len(value)} times; give it once")
+        resp.media = self._get(parse_task_id(value))
 
     def on_get_task(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         resp.media = self._get(parse_task_id(task_id))
@@ -134,6 +140,22 @@ class HealthResource:
         resp.media = {"status": "ok"}
 
 
+class OpenApiResource:
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.body = json.dumps(document, indent=2).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self.body
+        resp.content_type = falcon.MEDIA_JSON
+
+
+def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    """Every error as the JSON `{"title", "description"}` the API documents, whatever the client's
+    Accept header asks for (Falcon's default would answer XML, or nothing, to some)."""
+    resp.data = exc.to_json()
+    resp.content_type = falcon.MEDIA_JSON
+
+
 def _invalid_input(req: falcon.Request, resp: falcon.Response, exc: InvalidInput, params: dict) -> None:
     raise falcon.HTTPBadRequest(title="Invalid input", description=str(exc))
 
@@ -151,8 +173,12 @@ def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Excep
     )
 
 
-def create_app(store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> falcon.App:
-    app = falcon.App()
+def create_app(
+    store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_token: str | None = None
+) -> falcon.App:
+    """The API over `store`. With `api_token`, every request but GET /health needs it as a bearer token."""
+    app = falcon.App(middleware=[BearerAuth(api_token)] if api_token else [])
+    app.set_error_serializer(_serialize_error)
     # Clients such as `curl -d` send JSON without a JSON content type; the body is parsed as JSON
     # whatever it says, so no media handler is involved in reading requests.
     app.req_options.strip_url_path_trailing_slash = True
@@ -163,6 +189,8 @@ def create_app(store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.add_route("/tasks/{task_id}", status, suffix="task")
     app.add_route("/tasks/{task_id}/cancel", status, suffix="cancel")
     app.add_route("/health", HealthResource(store))
+    app.add_route("/openapi.json", OpenApiResource(openapi_document(max_body_bytes=max_body_bytes,
+                                                                    auth=bool(api_token))))
     app.add_error_handler(InvalidInput, _invalid_input)
     app.add_error_handler(DataRejected, _data_rejected)
     app.add_error_handler(DatabaseUnavailable, _database_unavailable)
@@ -170,6 +198,8 @@ def create_app(store: TaskStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 def create_app_from_env(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> falcon.App:
-    """The WSGI app with its own pool, for gunicorn to load in each worker after the fork."""
+    """The WSGI app with its own pool, for gunicorn to load in each worker after the fork; the token
+    comes from DISTRACK_API_TOKEN or DISTRACK_API_TOKEN_FILE."""
+    api_token = api_token_from_env()
     store = TaskStore(make_pool(require_database_url(), name="scheduler"))
-    return create_app(store, max_body_bytes=max_body_bytes)
+    return create_app(store, max_body_bytes=max_body_bytes, api_token=api_token)

@@ -7,7 +7,7 @@ import os
 
 from gunicorn.app.base import BaseApplication
 
-from distrack.config import SchedulerConfig
+from distrack.config import Address, SchedulerConfig, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +15,14 @@ log = logging.getLogger(__name__)
 # busy; keep-alive lets a client reuse its connection instead of paying a TCP handshake per task.
 THREADS_PER_WORKER = 8
 KEEPALIVE_S = 30
+# What gunicorn reads before the app sees a request, stated here so the README's limits have one
+# source (these are gunicorn's defaults): a longer request line gets 414, a longer header or more
+# headers 431, as plain HTML from gunicorn.
+LIMIT_REQUEST_LINE_BYTES = 4094
+LIMIT_REQUEST_FIELD_BYTES = 8190
+LIMIT_REQUEST_FIELDS = 100
+# As for the cluster token (distrack.transport.MIN_TOKEN_CHARS).
+MIN_API_TOKEN_CHARS = 16
 
 
 def default_http_workers() -> int:
@@ -34,6 +42,9 @@ class SchedulerApplication(BaseApplication):
             "worker_class": "gthread",
             "threads": config.http_threads or THREADS_PER_WORKER,
             "keepalive": KEEPALIVE_S,
+            "limit_request_line": LIMIT_REQUEST_LINE_BYTES,
+            "limit_request_field_size": LIMIT_REQUEST_FIELD_BYTES,
+            "limit_request_fields": LIMIT_REQUEST_FIELDS,
             "graceful_timeout": 10,
             "timeout": 60,
             "proc_name": "distrack-scheduler",
@@ -59,7 +70,7 @@ class SchedulerApplication(BaseApplication):
 
         pool = make_pool(self.config.database_url, max_size=self.cfg.threads + 1, name="scheduler")
         _pools.append(pool)
-        return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes)
+        return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes, api_token=self.config.api_token)
 
 
 _pools: list = []
@@ -70,6 +81,29 @@ def _close_pool(server: object, worker: object) -> None:
         _pools.pop().close()
 
 
+def exposure_warning(listen: Address, api_token: str | None) -> str | None:
+    """What to warn about when the API would be open to other machines without a token."""
+    if api_token or is_loopback_host(listen.host):
+        return None
+    return (f"the scheduler listens on {listen.bind_target()}, beyond this machine, with no API token: anyone "
+            "who can reach it can run shell commands on the workers. Set DISTRACK_API_TOKEN (or "
+            "DISTRACK_API_TOKEN_FILE), or listen on 127.0.0.1")
+
+
+def short_token_warning(api_token: str | None) -> str | None:
+    """Shorter tokens work (a test may use one) but are worth a warning: the token is all that stands
+    between the network and shell commands on the workers."""
+    if api_token is None or len(api_token) >= MIN_API_TOKEN_CHARS:
+        return None
+    return (f"the API token is shorter than {MIN_API_TOKEN_CHARS} characters; use a long random one "
+            "(e.g. `openssl rand -hex 32`)")
+
+
 def serve(config: SchedulerConfig) -> None:
     """Runs gunicorn in this process until it receives SIGTERM or SIGINT."""
+    for warning in (exposure_warning(config.listen, config.api_token), short_token_warning(config.api_token)):
+        if warning:
+            log.warning("%s", warning)
+    if config.api_token:
+        log.info("the API requires a bearer token (every path but /health)")
     SchedulerApplication(config).run()

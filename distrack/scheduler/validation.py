@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from typing import Any
 
@@ -15,7 +16,15 @@ MAX_DELAY_SECONDS = 366 * 24 * 3600  # a year (and a leap day): farther than tha
 MAX_ATTEMPTS = 100
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 SCHEDULE_FIELDS = ("command", "delay_seconds", "max_attempts", "timeout_seconds")
+# What a blank command is made of: exactly the characters str.isspace() (so str.strip()) treats as
+# whitespace, spelled out because regular expression engines disagree on \s (JSON Schema's, Rust's
+# and Python's differ on U+001C-U+001F, U+0085 and U+FEFF) and the OpenAPI document states the rule.
+WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + (
+    "\u2028\u2029\u202f\u205f\u3000")
 MAX_BATCH_TASKS = 10_000  # with the 1 MiB body limit, batches of a few thousand short commands fit
+# The form the API hands out (and JSON Schema's "uuid" format); uuid.UUID alone would also take
+# braces, a urn: prefix or 32 bare digits, which no client of this API needs.
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 class InvalidInput(ValueError):
@@ -39,6 +48,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidInput("body is not UTF-8 text") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant)
+    except InvalidInput:  # NaN or Infinity, already explained
+        raise
     except ValueError as exc:  # JSONDecodeError, or an integer with thousands of digits
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -90,12 +101,12 @@ def schedule_from_json(data: dict[str, Any]) -> ScheduleRequest:
 
 
 def parse_task_id(text: str | None) -> uuid.UUID:
+    """A task id as the API shows it (8-4-4-4-12 hex digits, any case, surrounding spaces ignored)."""
     if text is None or not text.strip():
         raise InvalidInput("task_id is required, e.g. /status?task_id=<uuid>")
-    try:
-        return uuid.UUID(text.strip())
-    except ValueError:
-        raise InvalidInput(f"task_id {text[:100]!r} is not a UUID") from None
+    if not _CANONICAL_UUID.fullmatch(text.strip()):
+        raise InvalidInput(f"task_id {text[:100]!r} is not a UUID such as 41ae4338-2c98-414f-822d-86464e8ee5cd")
+    return uuid.UUID(text.strip())
 
 
 def _command(value: Any) -> str:
@@ -121,13 +132,17 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{name} must be a number, not {_json_type(value)}")
     if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-        raise InvalidInput(f"{name} must be between {low:g} and {high:g}, not {value!r}")
+        raise InvalidInput(f"{name} must be between {low:g} and {high:.16g}, not {value!r}")
     return float(value)
 
 
 def _integer(value: Any, name: str, low: int, high: int) -> int:
+    # JSON has one number type: 3.0 (or 3e0) is the integer 3, as JSON Schema's "integer" says.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{name} must be an integer, not {_json_type(value)}")
+        shown = repr(value) if isinstance(value, float) else _json_type(value)
+        raise InvalidInput(f"{name} must be an integer, not {shown}")
     if not low <= value <= high:
         raise InvalidInput(f"{name} must be between {low} and {high}, not {value}")
     return value
