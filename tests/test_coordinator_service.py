@@ -147,3 +147,29 @@ def test_a_heartbeat_with_malformed_task_ids_is_invalid_argument(served):
         with pytest.raises(grpc.RpcError) as info:
             served.stub.Heartbeat(request, timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_new_task_due_after_the_loops_own_wake_up_does_not_wake_it():
+    import math
+    import threading
+    import time
+
+    from distrack.config import CoordinatorConfig
+    from distrack.coordinator.dispatcher import Dispatcher
+    from distrack.coordinator.registry import WorkerRegistry
+
+    wakeup = threading.Event()
+    dispatcher = Dispatcher(None, WorkerRegistry(), CoordinatorConfig(database_url="unused"), wakeup)
+    try:
+        dispatcher._sleep_until = time.monotonic() + 30  # asleep, waking in 30 s by itself
+        dispatcher.on_notify("distrack_task_queued", str(time.time() + 3600))
+        assert not wakeup.is_set()  # due in an hour: the planned wake-up looks it up
+        for payload in (str(time.time()), str(time.time() + 20), "", None):  # due before then, or unknown
+            dispatcher.on_notify("distrack_task_queued", payload)
+            assert wakeup.is_set(), payload
+            wakeup.clear()
+        dispatcher._sleep_until = math.inf  # awake: its next-due lookup may predate the task
+        dispatcher.on_notify("distrack_task_queued", str(time.time() + 3600))
+        assert wakeup.is_set()
+    finally:
+        dispatcher._pool.shutdown()

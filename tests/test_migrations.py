@@ -109,9 +109,12 @@ def test_insert_by_hand_wakes_listeners_once_per_statement(db_url, sql_conn):
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN distrack_task_queued")
         sql_conn.execute(
-            "INSERT INTO tasks (id, command, scheduled_at) SELECT gen_random_uuid(), 'echo', now() "
-            "FROM generate_series(1, 100)"
+            "INSERT INTO tasks (id, command, scheduled_at) SELECT gen_random_uuid(), 'echo', "
+            "timestamptz '2030-01-01 00:00:00+00' + g * interval '1 minute' FROM generate_series(1, 100) AS g"
         )
         got = list(listener.notifies(timeout=2.0, stop_after=5))
     assert len(got) == 1
     assert got[0].channel == "distrack_task_queued"
+    # The payload is when the earliest of them is due (epoch seconds), so a coordinator need not wake
+    # for tasks due after it would anyway.
+    assert float(got[0].payload) == 1893456000 + 60

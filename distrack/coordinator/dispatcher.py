@@ -18,6 +18,7 @@ Each step:
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -48,6 +49,10 @@ DISPATCH_THREADS = 16
 # several tasks. An idle coordinator claims at once, so a lone task's pickup is never held back.
 BUSY_WINDOW_S = 0.005
 LINGER_S = 0.002
+# A new task due this long after the loop's planned wake-up is left to that wake-up (which looks up
+# the next due time) rather than waking the loop now. The margin covers a coordinator clock behind
+# the database's by up to this much.
+NOTIFY_CLOCK_MARGIN_S = 1.0
 CANCEL_TIMEOUT_S = 5.0
 
 WORKER_LOST_ERROR = "worker {worker_id} was lost (no heartbeat for {silent})"
@@ -110,6 +115,9 @@ class Dispatcher:
         self._next_refresh = 0.0
         self._next_sweep = 0.0
         self._last_claim = 0.0
+        # When the sleeping loop wakes up by itself (monotonic); infinity while it is awake, when any
+        # new task must wake it again (its next-due lookup may have run before the task was there).
+        self._sleep_until = math.inf
         # Task ids whose cancel was announced by NOTIFY, or None meaning "look them all up".
         self._cancels: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.dispatched = 0  # tasks a worker accepted from this coordinator (logged at shutdown)
@@ -137,10 +145,23 @@ class Dispatcher:
         self._db_ok_since = time.monotonic()
 
     def on_notify(self, channel: str, payload: str | None) -> None:
-        """The Listener's callback: new tasks wake the loop; cancels are queued for it."""
+        """The Listener's callback: new tasks wake the loop, unless they are due after it wakes anyway;
+        cancels are queued for it."""
         if channel == "distrack_cancel":
             self._cancels.put(payload)
+        elif self._due_after_planned_wakeup(payload):
+            return
         self.wakeup.set()
+
+    def _due_after_planned_wakeup(self, payload: str | None) -> bool:
+        """Whether the new tasks (payload: their earliest scheduled_at, epoch seconds on the database's
+        clock) are due after the sleeping loop's next wake-up, margin included."""
+        try:
+            due_epoch = float(payload or "")
+        except ValueError:
+            return False  # no due time (a trigger from before migration 0003): wake up
+        due = time.monotonic() + (due_epoch - time.time())
+        return due - NOTIFY_CLOCK_MARGIN_S >= self._sleep_until
 
     def run(self) -> None:
         db_delay = 0.1
@@ -156,7 +177,9 @@ class Dispatcher:
                 log.exception("dispatcher step failed")
                 wait_s = self.config.poll_interval_s
             if wait_s > 0:
+                self._sleep_until = time.monotonic() + wait_s
                 self.wakeup.wait(wait_s)
+                self._sleep_until = math.inf
             if time.monotonic() - self._last_claim < BUSY_WINDOW_S:
                 self._stop.wait(LINGER_S)
 
