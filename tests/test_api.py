@@ -185,3 +185,22 @@ def test_a_bad_batch_stores_nothing(client, store, db_url):
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
     assert client.simulate_get("/tasks").status_code == 405
+
+
+def test_a_batchs_answer_shows_each_task_exactly_as_get_does(client):
+    # The batch answer is built by PostgreSQL, the single task's by Python: they must not differ.
+    tasks = [
+        {"command": "echo 'héllo ✓ 😀' \"quoted\" \\ back", "delay_seconds": 2.5, "max_attempts": 3,
+         "timeout_seconds": 0.5},
+        {"command": "true", "delay_seconds": 0, "timeout_seconds": 30},
+        {"command": "line\nbreak\ttab"},
+    ]
+    resp = client.simulate_post("/tasks", json={"tasks": tasks})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
+    assert resp.json["count"] == 3
+    for sent, got in zip(tasks, resp.json["tasks"], strict=True):
+        assert got["command"] == sent["command"]
+        assert set(got) == {"task_id", "command", "scheduled_at", "status", "attempts", "max_attempts",
+                            "timeout_seconds"}
+        full = client.simulate_get(f"/tasks/{got['task_id']}").json
+        assert got == {key: full[key] for key in got}

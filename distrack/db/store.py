@@ -7,6 +7,7 @@ transaction ever spans a network call to a worker or a client.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
@@ -126,21 +127,18 @@ class TaskStore:
         assert row is not None
         return row
 
-    def insert_tasks(self, tasks: Sequence[TaskSpec]) -> list[dict[str, Any]]:
-        """Commits a batch of queued tasks in one statement (one wake-up); rows in the input's order."""
-        ids = [uuid.uuid4() for _ in tasks]
-        rows = self._all(
-            "insert_tasks",
-            {
-                "ids": ids,
-                "commands": [t.command for t in tasks],
-                "delays": [float(t.delay_seconds) for t in tasks],
-                "max_attempts": [t.max_attempts for t in tasks],
-                "timeouts": [t.timeout_seconds for t in tasks],
-            },
+    def insert_tasks(self, tasks: Sequence[TaskSpec]) -> tuple[int, str]:
+        """Commits a batch of queued tasks in one statement (one wake-up). Returns how many, and the new
+        tasks as the API shows them: a JSON array in the input's order."""
+        batch = json.dumps(
+            [{"id": str(uuid.uuid4()), "command": t.command, "delay_seconds": float(t.delay_seconds),
+              "max_attempts": t.max_attempts, "timeout_seconds": t.timeout_seconds} for t in tasks],
+            # UTF-8 as it is: the database converts it, or refuses what its encoding cannot hold.
+            ensure_ascii=False,
         )
-        by_id = {r["id"]: r for r in rows}
-        return [by_id[i] for i in ids]
+        row = self._one("insert_tasks", {"tasks": batch})
+        assert row is not None
+        return row["count"], row["tasks"]
 
     def get_task(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         return self._one("get_task", {"id": task_id})

@@ -92,8 +92,10 @@ class BatchResource:
         self.max_body_bytes = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        rows = self.store.insert_tasks(parse_batch_request(read_body(req, self.max_body_bytes)))
-        resp.media = {"count": len(rows), "tasks": [task_json(row) for row in rows]}
+        count, tasks_json = self.store.insert_tasks(parse_batch_request(read_body(req, self.max_body_bytes)))
+        # The tasks come back from the database already as the API's JSON (see insert_tasks).
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = f'{{"count": {count}, "tasks": {tasks_json}}}'
 
 
 class StatusResource:
