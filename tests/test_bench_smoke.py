@@ -43,7 +43,7 @@ def test_tiny_suite_run_prints_json_and_cleans_up(tmp_path):
     latency = doc["suites"]["latency"]
     for part, count in (("pickup", 5), ("delayed", 5), ("end_to_end", 7)):
         assert latency[part]["completed"] == count, latency[part]
-        assert latency[part]["latency_ms"]["pickup"]["count"] == 5
+        assert latency[part]["latency_ms"]["pickup"]["count"] == count
     assert latency["delayed"]["early_starts"] == 0
     assert doc["suites"]["throughput"]["schedule"]["tasks"] > 0
     assert doc["suites"]["throughput"]["batch"]["tasks"] % 1000 == 0
