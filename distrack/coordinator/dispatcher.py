@@ -47,8 +47,8 @@ DISPATCH_THREADS = 16
 # Under load (tasks were claimed less than BUSY_WINDOW_S ago), a wake-up waits LINGER_S before the
 # next claim, so the slots freed meanwhile go out together: one claim and one call per worker for
 # several tasks. An idle coordinator claims at once, so a lone task's pickup is never held back.
-BUSY_WINDOW_S = 0.005
-LINGER_S = 0.002
+BUSY_WINDOW_S = 0.01
+LINGER_S = 0.005
 # A new task due this long after the loop's planned wake-up is left to that wake-up (which looks up
 # the next due time) rather than waking the loop now. The margin covers a coordinator clock behind
 # the database's by up to this much.

@@ -139,8 +139,8 @@ class CoordinatorClient:
 # Under load (a call went out less than BUSY_WINDOW_S ago), a batch waits up to LINGER_S for more
 # reports: a call costs the worker and the coordinator far more CPU than another report in it. An idle
 # worker sends at once, so a lone task's start is never held back.
-BUSY_WINDOW_S = 0.005
-LINGER_S = 0.002
+BUSY_WINDOW_S = 0.01
+LINGER_S = 0.005
 
 
 class ReportBatcher:
