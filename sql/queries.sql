@@ -48,7 +48,10 @@ WHERE id = %(id)s;
 -- claim_due --
 -- One statement, one short transaction: lock as many due rows as there are worker slots reserved
 -- (rows another coordinator holds are skipped), mark them picked and give the n-th one the n-th
--- reserved worker. The caller dispatches them after this commits.
+-- reserved worker. The caller dispatches them after this commits. The last row (id NULL) says how
+-- long until the next queued task not claimed here is due (NULL when none; zero or less when one is
+-- due already, held by another coordinator or beyond the slots), so the loop knows how long it may
+-- sleep without asking again.
 WITH due AS (
     SELECT id, scheduled_at
     FROM tasks
@@ -64,13 +67,22 @@ assigned AS (
     SELECT numbered.id, slot.worker_id
     FROM numbered
     JOIN unnest(%(worker_ids)s::text[]) WITH ORDINALITY AS slot (worker_id, n) USING (n)
+),
+claimed AS (
+    UPDATE tasks AS t
+    SET status = 'picked', picked_at = now(), lease = t.lease + 1,
+        worker_id = assigned.worker_id, exit_code = NULL
+    FROM assigned
+    WHERE t.id = assigned.id
+    RETURNING t.id, t.command, t.lease, t.attempts + 1 AS attempt, t.timeout_seconds, t.scheduled_at, t.worker_id
 )
-UPDATE tasks AS t
-SET status = 'picked', picked_at = now(), lease = t.lease + 1,
-    worker_id = assigned.worker_id, exit_code = NULL
-FROM assigned
-WHERE t.id = assigned.id
-RETURNING t.id, t.command, t.lease, t.attempts + 1 AS attempt, t.timeout_seconds, t.scheduled_at, t.worker_id;
+SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NULL::float8 AS next_due_s
+FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::float8
+FROM tasks
+WHERE status = 'queued' AND id <> ALL (ARRAY(SELECT id FROM due));
 
 -- seconds_until_next_due --
 -- NULL when nothing is queued; zero or less when something is already due.

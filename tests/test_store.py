@@ -278,3 +278,15 @@ def test_data_the_database_cannot_hold_is_rejected_not_an_outage(server_url, tmp
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_claim_also_says_when_the_next_unclaimed_task_is_due(store):
+    assert store.claim(["w1"]) == ([], None)  # nothing queued
+    now_id = store.insert_task("echo now")["id"]
+    store.insert_task("echo later", 60)
+    claimed, next_due_s = store.claim(["w1"])
+    assert [t.id for t in claimed] == [now_id]
+    assert 59 < next_due_s <= 60  # the claimed one does not count
+    store.insert_task("echo due")
+    claimed, next_due_s = store.claim([])  # no slot: nothing claimed, and something is due already
+    assert claimed == [] and next_due_s <= 0

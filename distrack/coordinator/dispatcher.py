@@ -200,12 +200,11 @@ class Dispatcher:
         reservations = self.registry.reserve(self.registry.free_slots())
         if not reservations:
             return self.config.poll_interval_s
-        claimed = self._claim(reservations)
+        claimed, next_due_s = self._claim(reservations)
         if len(claimed) == len(reservations):
             # Every free slot got a task, so more may be due: claim again at once if slots are free,
-            # else when one frees (a final report wakes the loop), with no query meanwhile.
+            # else when one frees (a final report wakes the loop).
             return 0.0 if self.registry.free_slots() > 0 else self.config.poll_interval_s
-        next_due_s = self.store.seconds_until_next_due()
         if next_due_s is None:
             return self.config.poll_interval_s
         if next_due_s <= 0:
@@ -284,9 +283,11 @@ class Dispatcher:
 
     # --- claim and dispatch
 
-    def _claim(self, reservations: list[WorkerInfo]) -> list[ClaimedTask]:
+    def _claim(self, reservations: list[WorkerInfo]) -> tuple[list[ClaimedTask], float | None]:
+        """Claims a task for each reservation and hands them to the call pool; returns them with the
+        seconds until the next unclaimed task is due."""
         try:
-            claimed = self.store.claim_due([w.worker_id for w in reservations])
+            claimed, next_due_s = self.store.claim([w.worker_id for w in reservations])
         except BaseException:
             for worker in reservations:
                 self.registry.unreserve(worker.worker_id)
@@ -314,7 +315,7 @@ class Dispatcher:
         for worker_id, count in unused.items():
             if count:
                 self.registry.unreserve(worker_id, count)
-        return claimed
+        return claimed, next_due_s
 
     def _submit_call(self, fn, *args) -> None:  # noqa: ANN001 - a bound method and its arguments
         future: Future = self._pool.submit(fn, *args)

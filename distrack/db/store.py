@@ -163,17 +163,23 @@ class TaskStore:
 
     def claim_due(self, worker_ids: Sequence[str]) -> list[ClaimedTask]:
         """Claims up to len(worker_ids) due tasks, the n-th for the n-th worker, in one transaction."""
+        return self.claim(worker_ids)[0]
+
+    def claim(self, worker_ids: Sequence[str]) -> tuple[list[ClaimedTask], float | None]:
+        """claim_due, and how many seconds until the next queued task it did not claim is due (None
+        when there is none), from the same statement."""
         if not worker_ids:
-            return []
+            return [], self.seconds_until_next_due()
         rows = self._all("claim_due", {"worker_ids": list(worker_ids)})
         tasks = [
             ClaimedTask(r["id"], r["command"], r["lease"], r["attempt"], r["timeout_seconds"], r["scheduled_at"],
                         r["worker_id"])
-            for r in rows
+            for r in rows if r["id"] is not None
         ]
+        next_due_s = next((r["next_due_s"] for r in rows if r["id"] is None), None)
         # The order the statement paired tasks with workers in: confirming them in it keeps the turn.
         tasks.sort(key=lambda t: (t.scheduled_at, t.id))
-        return tasks
+        return tasks, next_due_s
 
     def seconds_until_next_due(self) -> float | None:
         row = self._one("seconds_until_next_due")
