@@ -186,17 +186,30 @@ class Dispatcher:
     # --- one step
 
     def run_once(self) -> float:
-        """One step of the loop (see the module docstring); returns how long to wait before the next."""
+        """One step of the loop (see the module docstring); returns how long to wait before the next.
+
+        The claim comes before the housekeeping (registry refresh, rescue, cancels), so a task that
+        woke the loop never waits for those queries."""
         self.wakeup.clear()
+        if self._next_refresh == 0.0:
+            self._refresh_workers()  # the first step: the registry is empty until then
+        wait_s = self._claim_step()
         now = time.monotonic()
         if now >= self._next_refresh:
+            had_free = self.registry.free_slots() > 0
             self._refresh_workers()
+            if not had_free and self.registry.free_slots() > 0:
+                wait_s = 0.0  # slots appeared (a new worker, or ones that ended elsewhere): claim now
         if now >= self._next_sweep:
             self._next_sweep = now + self.config.poll_interval_s
             if now - self._db_ok_since >= self.config.worker_ttl_s:
                 self._rescue()
             self._cancels.put(None)
         self._send_cancels()
+        return wait_s
+
+    def _claim_step(self) -> float:
+        """Claims a task for every free slot; returns how long the loop may wait before the next."""
         reservations = self.registry.reserve(self.registry.free_slots())
         if not reservations:
             return self.config.poll_interval_s
