@@ -26,6 +26,12 @@ DEFAULT_HEARTBEAT_MISSES = 3
 # NOTIFY wakes the coordinator at once; the poll only covers a lost notification or a restart.
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_SLOTS = 5
+# Batching under load, on both ends of the dispatch: after a claim (coordinator) or a report call
+# (worker) less than BUSY_WINDOW_S ago, the next one waits up to LINGER_S to gather more, since a call
+# or a statement costs far more CPU than another task in it. An idle service sends at once, so a lone
+# task's pickup is never held back.
+BUSY_WINDOW_S = 0.01
+LINGER_S = 0.005
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 # First retry delay; each further attempt doubles it (with jitter).
 DEFAULT_RETRY_DELAY_S = 1.0

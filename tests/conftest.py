@@ -66,9 +66,8 @@ def empty_db_url(server_url: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-def db_url(server_url: str, template_db: str) -> Iterator[str]:
-    """A new database with the current schema, cloned from the migrated template."""
+def _cloned_database(server_url: str, template_db: str) -> Iterator[str]:
+    """A new database cloned from the migrated template, dropped afterwards."""
     name = f"distrack_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(
@@ -77,19 +76,18 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
     yield with_database(server_url, name)
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A new database with the current schema, cloned from the migrated template."""
+    yield from _cloned_database(server_url, template_db)
 
 
 @pytest.fixture(scope="module")
 def module_db_url(server_url: str, template_db: str) -> Iterator[str]:
     """Like db_url, shared by the tests of one module (for a service they all talk to)."""
-    name = f"distrack_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
-        )
-    yield with_database(server_url, name)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    yield from _cloned_database(server_url, template_db)
 
 
 @pytest.fixture

@@ -102,14 +102,20 @@ class AcceptingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
         return distrack_pb2.DeregisterResponse()
 
 
+def serve_coordinator(coordinator: AcceptingCoordinator) -> tuple[grpc.Server, int]:
+    """A started in-test coordinator on a free loopback port that requires the cluster token."""
+    server = grpc.server(ThreadPoolExecutor(4), interceptors=server_interceptors(TransportSecurity(token=TOKEN)))
+    distrack_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    port = add_port(server, "127.0.0.1:0", TransportSecurity())
+    server.start()
+    return server, port
+
+
 @pytest.fixture
 def lone_worker(tmp_path):
     """A worker process with a cluster token, heartbeating to an in-test coordinator that requires it."""
     coordinator = AcceptingCoordinator()
-    server = grpc.server(ThreadPoolExecutor(4), interceptors=server_interceptors(TransportSecurity(token=TOKEN)))
-    distrack_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
-    coordinator_port = add_port(server, "127.0.0.1:0", TransportSecurity())
-    server.start()
+    server, coordinator_port = serve_coordinator(coordinator)
     port = free_port()
     env = dict(os.environ, DISTRACK_CLUSTER_TOKEN=TOKEN)
     service = Service("worker", [
@@ -157,10 +163,7 @@ def test_a_worker_refuses_a_task_from_anyone_without_the_token(lone_worker, tmp_
 
 
 def test_a_worker_with_a_token_refused_by_its_coordinator_says_so(tmp_path):
-    server = grpc.server(ThreadPoolExecutor(2), interceptors=server_interceptors(TransportSecurity(token=TOKEN)))
-    distrack_pb2_grpc.add_CoordinatorServicer_to_server(AcceptingCoordinator(), server)
-    coordinator_port = add_port(server, "127.0.0.1:0", TransportSecurity())
-    server.start()
+    server, coordinator_port = serve_coordinator(AcceptingCoordinator())
     service = Service("worker", [
         "worker", "--worker_port=127.0.0.1:0", f"--coordinator=127.0.0.1:{coordinator_port}",
         f"--output_dir={tmp_path / 'out'}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
@@ -411,10 +414,7 @@ def test_a_task_cannot_read_the_workers_own_environment_in_proc(tmp_path):
     home = Path(tempfile.mkdtemp(prefix="distrack-shield-"))
     home.chmod(0o777)
     coordinator = AcceptingCoordinator()
-    server = grpc.server(ThreadPoolExecutor(2), interceptors=server_interceptors(TransportSecurity(token=TOKEN)))
-    distrack_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
-    coordinator_port = add_port(server, "127.0.0.1:0", TransportSecurity())
-    server.start()
+    server, coordinator_port = serve_coordinator(coordinator)
     port = free_port()
     env = dict(os.environ, DISTRACK_CLUSTER_TOKEN=TOKEN, DATABASE_URL="postgresql://distrack:hunter2@db/distrack")
     log_path = tmp_path / "worker.log"

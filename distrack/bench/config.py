@@ -59,11 +59,7 @@ class BenchConfig:
     token: str | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
-        """The settings for a JSON report: no secret, no output switch."""
-        doc = asdict(self)
-        doc.pop("token")
-        doc.pop("json_output")
-        return doc
+        return _settings(self)
 
 
 @dataclass(frozen=True)
@@ -89,11 +85,15 @@ class SuiteConfig:
     token: str | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc.pop("token")
-        doc.pop("json_output")
-        doc["suites"] = list(self.suites)
-        return doc
+        return {**_settings(self), "suites": list(self.suites)}
+
+
+def _settings(config: BenchConfig | SuiteConfig) -> dict[str, Any]:
+    """The settings for a JSON report: no secret, no output switch."""
+    doc = asdict(config)
+    doc.pop("token")
+    doc.pop("json_output")
+    return doc
 
 
 def expand_suites(text: str) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
-from distrack.config import CoordinatorConfig
+from distrack.config import BUSY_WINDOW_S, LINGER_S, CoordinatorConfig
 from distrack.coordinator.registry import WorkerInfo, WorkerRegistry
 from distrack.db.store import Attempt, ClaimedTask, EndedAttempt, TaskStore
 from distrack.errors import DatabaseUnavailable
@@ -44,11 +44,6 @@ DB_RETRY_MAX_S = 2.0
 # the task); other failures are logged louder.
 REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS}
 DISPATCH_THREADS = 16
-# Under load (tasks were claimed less than BUSY_WINDOW_S ago), a wake-up waits LINGER_S before the
-# next claim, so the slots freed meanwhile go out together: one claim and one call per worker for
-# several tasks. An idle coordinator claims at once, so a lone task's pickup is never held back.
-BUSY_WINDOW_S = 0.01
-LINGER_S = 0.005
 # A new task due this long after the loop's planned wake-up is left to that wake-up (which looks up
 # the next due time) rather than waking the loop now. The margin covers a coordinator clock behind
 # the database's by up to this much.

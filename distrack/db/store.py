@@ -201,11 +201,8 @@ class TaskStore:
             return set()
         return {r["id"] for r in self._all("mark_running", _fences(attempts))}
 
-    def cancel_refused_start(self, attempt: Attempt) -> bool:
-        """After mark_running refused the owner because of a cancel: cancels the task now."""
-        return attempt.task_id in self.cancel_refused_starts([attempt])
-
     def cancel_refused_starts(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
+        """After mark_running refused the owners because of a cancel: cancels those tasks now."""
         if not attempts:
             return set()
         return {r["id"] for r in self._all("cancel_refused_starts", _fences(attempts))}

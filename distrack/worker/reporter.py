@@ -28,6 +28,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from distrack.config import BUSY_WINDOW_S, LINGER_S
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import TransportSecurity, client_channel
 
@@ -96,11 +97,6 @@ class CoordinatorClient:
                     raise
         raise AssertionError("unreachable")
 
-    def report(self, update: distrack_pb2.TaskStatusUpdate) -> bool:
-        """Sends one status report, retrying transient failures; returns whether it was recorded."""
-        ack = self.report_many([update])[0]
-        return ack.recorded
-
     def report_many(self, updates: Sequence[distrack_pb2.TaskStatusUpdate]) -> list[distrack_pb2.TaskStatusAck]:
         """Sends reports in one call, retrying transient failures; one ack per update, in order."""
         retrying = Retrying(
@@ -134,13 +130,6 @@ class CoordinatorClient:
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
-
-
-# Under load (a call went out less than BUSY_WINDOW_S ago), a batch waits up to LINGER_S for more
-# reports: a call costs the worker and the coordinator far more CPU than another report in it. An idle
-# worker sends at once, so a lone task's start is never held back.
-BUSY_WINDOW_S = 0.01
-LINGER_S = 0.005
 
 
 class ReportBatcher:
