@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="gunicorn worker processes (default: one per CPU, at least 2)",
     )
-    _flag(p, "http_threads", type=_positive(int), default=0, help="threads per gunicorn worker (default 8)")
+    _flag(p, "http_threads", type=_positive(int), default=0,
+          help="connections each gunicorn worker serves at once, a thread each (default 256)")
     _flag(
         p,
         "max_body_bytes",

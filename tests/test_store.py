@@ -8,6 +8,7 @@ import pytest
 from distrack.db.pool import make_pool
 from distrack.db.store import Attempt, EndedAttempt, TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
+from distrack.tasks import TaskSpec
 
 
 def claim_one(store: TaskStore, worker_id: str = "w1") -> Attempt:
@@ -272,6 +273,8 @@ def test_data_the_database_cannot_hold_is_rejected_not_an_outage(server_url, tmp
         try:
             with pytest.raises(DataRejected):
                 TaskStore(pool).insert_task("echo \u2603", 0)
+            with pytest.raises(DataRejected):
+                TaskStore(pool).insert_tasks_each([TaskSpec("echo caf\u00e9"), TaskSpec("echo \u2603")])
             assert TaskStore(pool).insert_task("echo caf\u00e9", 0)["command"] == "echo caf\u00e9"
         finally:
             pool.close()

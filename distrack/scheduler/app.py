@@ -20,6 +20,7 @@ from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.scheduler.auth import BearerAuth
+from distrack.scheduler.group_insert import GroupInserter
 from distrack.scheduler.openapi import openapi_document
 from distrack.scheduler.validation import InvalidInput, parse_batch_request, parse_schedule_request, parse_task_id
 
@@ -72,18 +73,15 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
 
 class ScheduleResource:
     def __init__(self, store: TaskStore, max_body_bytes: int) -> None:
-        self.store = store
+        # Concurrent requests share statements and commits (see group_insert).
+        self.inserter = GroupInserter(lambda tasks: store.insert_tasks_each(tasks))
         self.max_body_bytes = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = parse_schedule_request(read_body(req, self.max_body_bytes))
-        row = self.store.insert_task(
-            request.command,
-            request.delay_seconds,
-            max_attempts=request.max_attempts,
-            timeout_seconds=request.timeout_seconds,
-        )
-        resp.media = task_json(row)
+        # The task comes back from the database already as the API's JSON (see insert_tasks_each).
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = self.inserter.insert(request)
 
 
 class BatchResource:

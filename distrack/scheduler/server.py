@@ -1,4 +1,5 @@
-"""Serves the scheduler app with gunicorn: gthread workers, each with its own pool after the fork."""
+"""Serves the scheduler app with gunicorn: worker processes with a thread per connection (see
+httpworker), each with its own pool after the fork."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from distrack.config import Address, SchedulerConfig, is_loopback_host
 
 log = logging.getLogger(__name__)
 
-# Requests are short and mostly wait on PostgreSQL, so a few threads per process keep both cores
-# busy; keep-alive lets a client reuse its connection instead of paying a TCP handshake per task.
-THREADS_PER_WORKER = 8
+# Connections each worker process serves at once, a thread each; more wait to be accepted. Requests
+# are short and share their inserts (group_insert), so a few database connections serve them all;
+# keep-alive lets a client reuse its connection instead of paying a TCP handshake per task.
+CONNECTIONS_PER_WORKER = 256
+DATABASE_CONNECTIONS_PER_WORKER = 8
 KEEPALIVE_S = 30
 # What gunicorn reads before the app sees a request, stated here so the README's limits have one
 # source (these are gunicorn's defaults): a longer request line gets 414, a longer header or more
@@ -39,8 +42,10 @@ class SchedulerApplication(BaseApplication):
         settings = {
             "bind": [config.listen.bind_target()],
             "workers": config.http_workers or default_http_workers(),
-            "worker_class": "gthread",
-            "threads": config.http_threads or THREADS_PER_WORKER,
+            # One thread per open connection (see httpworker): gthread's hand-offs between its poller
+            # and its pool cost more CPU per request than the request itself.
+            "worker_class": "distrack.scheduler.httpworker.ConnectionThreadWorker",
+            "worker_connections": config.http_threads or CONNECTIONS_PER_WORKER,
             "keepalive": KEEPALIVE_S,
             "limit_request_line": LIMIT_REQUEST_LINE_BYTES,
             "limit_request_field_size": LIMIT_REQUEST_FIELD_BYTES,
@@ -68,7 +73,7 @@ class SchedulerApplication(BaseApplication):
         from distrack.db.store import TaskStore
         from distrack.scheduler.app import create_app
 
-        pool = make_pool(self.config.database_url, max_size=self.cfg.threads + 1, name="scheduler")
+        pool = make_pool(self.config.database_url, max_size=DATABASE_CONNECTIONS_PER_WORKER, name="scheduler")
         _pools.append(pool)
         return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes, api_token=self.config.api_token)
 

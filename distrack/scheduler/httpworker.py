@@ -1,0 +1,242 @@
+"""A gunicorn worker class that gives every keep-alive connection a thread of its own.
+
+gunicorn's gthread worker hands each request of a keep-alive connection from its poller thread to a
+thread pool and back: a selector registration, a future and a wake-up pipe per request, which cost
+more CPU than parsing the request and running the app together. API clients here keep their
+connection and send request after request on it, so a thread per connection, blocking on its own
+socket, serves each request with no hand-off at all. Only connection setup and shutdown involve the
+main thread.
+
+The main thread accepts connections (at most `worker_connections` open at once; more wait in the
+listen backlog), tells the arbiter it is alive, and on shutdown stops accepting, wakes the idle
+connections so they close, and gives busy ones `graceful_timeout` to finish their request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import selectors
+import socket
+import ssl
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from gunicorn import http, sock, util
+from gunicorn.http import wsgi
+from gunicorn.workers import base
+
+# How often the main thread tells the arbiter it is alive when nothing else wakes it.
+HEARTBEAT_S = 1.0
+# A client that stops sending halfway through a request (or its body) is dropped after this long.
+READ_TIMEOUT_S = 30.0
+_DISCONNECTS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+
+
+class _ResponseBuffer:
+    """Stands in for the client socket while a response is written, so the status line, headers and
+    body leave in one send: gunicorn writes the headers and the body separately, and over a
+    TCP_NODELAY connection each send is a packet and a wake-up of the client."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._parts: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def fileno(self) -> int:
+        # Whoever wants the descriptor (sendfile) writes to it directly: what came before goes first.
+        self.flush()
+        return self._sock.fileno()
+
+    def flush(self) -> None:
+        if self._parts:
+            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+            self._parts.clear()
+            self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class ConnectionThreadWorker(base.Worker):
+    """gunicorn worker: one thread per connection, serving its requests one after another."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open: set[socket.socket] = set()
+        self._open_changed = threading.Condition()
+        self._stop_r = self._stop_w = -1
+
+    def init_process(self) -> None:
+        # Readable once shutdown begins; every idle connection polls it beside its socket.
+        self._stop_r, self._stop_w = os.pipe()
+        super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.alive = False
+        os.write(self._stop_w, b"x")
+
+    def run(self) -> None:
+        for listener in self.sockets:
+            listener.setblocking(False)
+        selector = selectors.DefaultSelector()
+        for listener in self.sockets:
+            selector.register(listener, selectors.EVENT_READ)
+        selector.register(self.PIPE[0], selectors.EVENT_READ)
+        try:
+            while self.alive:
+                self.notify()
+                if not self._parent_alive():
+                    break
+                if not self._room_for_a_connection(HEARTBEAT_S):
+                    continue
+                for key, _ in selector.select(HEARTBEAT_S):
+                    if key.fileobj == self.PIPE[0]:
+                        self._drain_wakeups()
+                    else:
+                        self._accept_all(key.fileobj)
+        finally:
+            selector.close()
+            self._shut_down()
+
+    def _parent_alive(self) -> bool:
+        if self.ppid != os.getppid():
+            self.log.info("Parent changed, shutting down: %s", self)
+            return False
+        return True
+
+    def _room_for_a_connection(self, timeout: float) -> bool:
+        with self._open_changed:
+            return self._open_changed.wait_for(
+                lambda: len(self._open) < self.cfg.worker_connections or not self.alive, timeout)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            os.read(self.PIPE[0], 64)
+        except BlockingIOError:
+            pass
+
+    def _accept_all(self, listener: socket.socket) -> None:
+        while self.alive and len(self._open) < self.cfg.worker_connections:
+            try:
+                client, addr = listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
+                    return
+                raise
+            util.close_on_exec(client)
+            with self._open_changed:
+                self._open.add(client)
+            threading.Thread(target=self._serve, args=(listener, client, addr), daemon=True,
+                             name="http-connection").start()
+
+    def _shut_down(self) -> None:
+        """Idle connections close when the stop pipe wakes them; busy ones finish their request (and
+        then close) within the graceful timeout."""
+        self.alive = False
+        os.write(self._stop_w, b"x")
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        with self._open_changed:
+            while self._open and time.monotonic() < deadline:
+                self.notify()
+                self._open_changed.wait(min(HEARTBEAT_S, max(0.0, deadline - time.monotonic())))
+
+    def _next_request_arrives(self, client: socket.socket, parser: Any, poller: select.poll) -> bool:
+        """Waits for the next request on an idle connection: False on shutdown or keep-alive timeout."""
+        if parser.unreader.buf.getvalue():  # pipelined behind the last one, already read
+            return True
+        if isinstance(client, ssl.SSLSocket) and client.pending():
+            return True
+        keepalive_ms = max(1, int(self.cfg.keepalive * 1000))
+        events = poller.poll(keepalive_ms)
+        return bool(events) and all(fd != self._stop_r for fd, _ in events)
+
+    def _serve(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
+        req = None
+        conn = client
+        try:
+            conn.setblocking(True)
+            conn.settimeout(READ_TIMEOUT_S)
+            if self.cfg.is_ssl:
+                conn = sock.ssl_wrap_socket(conn, self.cfg)
+            parser = http.get_parser(self.cfg, conn, addr)
+            server = listener.getsockname()
+            poller = select.poll()
+            poller.register(conn, select.POLLIN)
+            poller.register(self._stop_r, select.POLLIN)
+            first = True
+            while self.alive and (first or self._next_request_arrives(conn, parser, poller)):
+                first = False
+                req = next(parser)
+                if not self._handle_request(req, conn, addr, server):
+                    break
+                req = None
+        except (http.errors.NoMoreData, StopIteration):
+            pass
+        except TimeoutError:
+            self.log.debug("Closing a connection that stopped sending.")
+        except ssl.SSLError as exc:
+            if exc.args[0] != ssl.SSL_ERROR_EOF:
+                self.handle_error(req, conn, addr, exc)
+        except OSError as exc:
+            if exc.errno not in _DISCONNECTS:
+                self.log.exception("Socket error processing request.")
+        except Exception as exc:
+            self.handle_error(req, conn, addr, exc)
+        finally:
+            util.close_graceful(conn)
+            with self._open_changed:
+                self._open.discard(client)
+                self._open_changed.notify_all()
+
+    def _handle_request(self, req: Any, conn: socket.socket, addr: Any, server: Any) -> bool:
+        """Serves one request; True when the connection stays open for another."""
+        environ: dict = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            started = datetime.now()
+            out = _ResponseBuffer(conn)
+            resp, environ = wsgi.create(req, out, addr, server, self.cfg)
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if not self.alive or not self.cfg.keepalive:
+                resp.force_close()
+            body = self.wsgi(environ, resp.start_response)
+            if not self.alive:  # shutdown began while the app ran: say so in this response's headers
+                resp.force_close()
+            try:
+                if isinstance(body, environ["wsgi.file_wrapper"]):
+                    resp.write_file(body)
+                else:
+                    for chunk in body:
+                        resp.write(chunk)
+                resp.close()
+                out.flush()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - started)
+                if hasattr(body, "close"):
+                    body.close()
+            return not resp.should_close()
+        except OSError:
+            raise
+        except (Exception, SystemExit):
+            if resp is not None and resp.headers_sent:
+                # A second status line on a response already under way would corrupt it.
+                self.log.exception("Error handling request")
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+

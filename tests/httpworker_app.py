@@ -1,0 +1,25 @@
+"""A WSGI app for tests/test_httpworker.py, served by gunicorn with distrack's connection worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+_served = 0
+_lock = threading.Lock()
+
+
+def app(environ, start_response):  # noqa: ANN001, ANN201 - WSGI
+    global _served
+    path = environ["PATH_INFO"]
+    with _lock:
+        _served += 1
+        count = _served
+    if path == "/boom":
+        raise RuntimeError("the app failed")
+    if path == "/slow":
+        time.sleep(float(environ.get("QUERY_STRING") or "1"))
+    body = environ["wsgi.input"].read() if environ.get("CONTENT_LENGTH") else b""
+    payload = f"{path} {count} ".encode() + body
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(payload)))])
+    return [payload]

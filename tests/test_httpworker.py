@@ -1,0 +1,229 @@
+"""The scheduler's gunicorn worker class (a thread per connection), served over real sockets.
+
+gunicorn runs tests/httpworker_app.py with `-k distrack.scheduler.httpworker.ConnectionThreadWorker`
+in its own process: keep-alive, pipelining, one send per response, errors, the connection limit,
+the keep-alive timeout and a graceful shutdown are all checked from the client's side of a socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import free_port, pid_alive, wait_for
+
+WORKER_CLASS = "distrack.scheduler.httpworker.ConnectionThreadWorker"
+TESTS = Path(__file__).resolve().parent
+
+
+class Gunicorn:
+    def __init__(self, tmp_path: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / "gunicorn.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", WORKER_CLASS, "-b", f"127.0.0.1:{self.port}", "-w", "1",
+             "--graceful-timeout", "5", "--no-control-socket", *extra, "httpworker_app:app"],
+            cwd=TESTS, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(self._answers, timeout=20, what="gunicorn to answer")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"gunicorn exited: {self.log_path.read_text()}")
+        with contextlib.suppress(OSError), self.connect() as sock:
+            sock.sendall(request("/ping"))
+            return read_response(sock)[0] == 200
+        return False
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
+
+def request(path: str, body: bytes | None = None, *, close: bool = False) -> bytes:
+    head = f"{'POST' if body is not None else 'GET'} {path} HTTP/1.1\r\nHost: test\r\n"
+    if body is not None:
+        head += f"Content-Length: {len(body)}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+def read_response(sock: socket.socket, pending: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One response from `sock` (what follows it stays in `pending`)."""
+    buf = pending if pending is not None else bytearray()
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a response")
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a body")
+        rest += chunk
+    buf[:] = rest[length:]
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[Gunicorn]:
+    g = Gunicorn(tmp_path)
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def test_one_connection_serves_request_after_request(server):
+    with server.connect() as sock:
+        counts = []
+        for i in range(20):
+            sock.sendall(request("/echo", f"body {i}".encode()))
+            status, headers, body = read_response(sock)
+            assert status == 200 and headers["connection"] == "keep-alive"
+            path, count, rest = body.decode().split(" ", 2)
+            assert (path, rest) == ("/echo", f"body {i}")
+            counts.append(int(count))
+        assert counts == sorted(counts) and len(set(counts)) == 20
+
+
+def test_pipelined_requests_are_all_answered_in_order(server):
+    with server.connect() as sock:
+        sock.sendall(b"".join(request("/echo", f"n{i}".encode()) for i in range(5)))
+        pending = bytearray()
+        bodies = [read_response(sock, pending)[2].decode().split(" ", 2)[2] for _ in range(5)]
+        assert bodies == [f"n{i}" for i in range(5)]
+
+
+def test_a_response_leaves_in_one_send(server):
+    # Status line, headers and body in one segment: the first read holds the whole response.
+    with server.connect() as sock:
+        for _ in range(5):
+            sock.sendall(request("/echo", b"x" * 100))
+            first = sock.recv(65536)
+            head, _, body = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and body.startswith(b"/echo ") and body.endswith(b"x" * 100)
+
+
+def test_an_app_error_is_a_500_and_the_connection_closes(server):
+    with server.connect() as sock:
+        sock.sendall(request("/boom"))
+        status, _, _ = read_response(sock)
+        assert status == 500
+        assert closed_by_server(sock)
+    with server.connect() as sock:  # the worker is still serving
+        sock.sendall(request("/ping"))
+        assert read_response(sock)[0] == 200
+    assert "the app failed" in server.log_path.read_text()
+
+
+def test_a_malformed_request_is_a_400(server):
+    with server.connect() as sock:
+        sock.sendall(b"NOT A REQUEST\r\n\r\n")
+        assert read_response(sock)[0] == 400
+
+
+def test_connection_close_is_honoured(server):
+    with server.connect() as sock:
+        sock.sendall(request("/ping", close=True))
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers["connection"] == "close"
+        assert closed_by_server(sock)
+
+
+def test_an_idle_connection_closes_after_the_keepalive_timeout(tmp_path):
+    g = Gunicorn(tmp_path, "--keep-alive", "1")
+    try:
+        with g.connect() as sock:
+            sock.sendall(request("/ping"))
+            assert read_response(sock)[0] == 200
+            started = time.monotonic()
+            assert closed_by_server(sock)  # blocks until the server closes it (or the 10 s timeout)
+            assert 0.5 < time.monotonic() - started < 5
+    finally:
+        g.stop()
+
+
+def test_connections_beyond_the_limit_wait_to_be_accepted(tmp_path):
+    g = Gunicorn(tmp_path, "--worker-connections", "2")
+    try:
+        first, second = g.connect(), g.connect()
+        for sock in (first, second):
+            sock.sendall(request("/ping"))
+            assert read_response(sock)[0] == 200
+        third = g.connect()  # the kernel completes the handshake; the worker does not take it yet
+        third.sendall(request("/ping"))
+        third.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            third.recv(1)
+        first.close()  # a place frees up: the waiting connection is served
+        third.settimeout(10)
+        assert read_response(third)[0] == 200
+        second.close()
+        third.close()
+    finally:
+        g.stop()
+
+
+def test_shutdown_finishes_the_request_under_way_and_closes_idle_connections(tmp_path):
+    g = Gunicorn(tmp_path)
+    try:
+        idle = g.connect()
+        idle.sendall(request("/ping"))
+        assert read_response(idle)[0] == 200
+        busy = g.connect()
+        busy.sendall(request("/slow?1.5"))
+        time.sleep(0.3)  # let the request start: the app sleeps 1.5 s in it
+        started = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        answer: list = []
+        reader = threading.Thread(target=lambda: answer.append(read_response(busy)))
+        reader.start()
+        assert closed_by_server(idle)  # at once, not after the keep-alive timeout
+        assert time.monotonic() - started < 1.2
+        reader.join(10)
+        status, headers, body = answer[0]
+        assert status == 200 and body.startswith(b"/slow") and headers["connection"] == "close"
+        assert closed_by_server(busy)
+        g.proc.wait(10)
+        assert g.proc.returncode == 0
+        assert not pid_alive(g.proc.pid)
+        busy.close()
+        idle.close()
+    finally:
+        g.stop()
