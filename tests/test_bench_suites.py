@@ -3,6 +3,7 @@ growth, `distrack up` output, the load generator's pacing (with a fake sender). 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from datetime import UTC, datetime, timedelta
@@ -255,9 +256,21 @@ def test_expand_suites_rejects_unknown_names():
 # --- the load generator (fake sender: no sockets) -----------------------------------------------
 
 
-def test_run_load_sends_count_requests_from_every_thread():
+def returning(ids):
+    async def send(client):
+        return ids
+
+    return send
+
+
+def test_run_load_sends_count_requests_from_every_client():
     sent = iter(range(1000))
-    result = run_load("http://127.0.0.1:9", lambda client: [f"t{next(sent)}"], concurrency=4, count=25)
+
+    async def send(client):
+        await asyncio.sleep(0)  # let the other clients in
+        return [f"t{next(sent)}"]
+
+    result = run_load("http://127.0.0.1:9", send, concurrency=4, count=25)
     assert (result.requests, result.tasks, result.errors, result.aborted) == (25, 25, 0, False)
     assert len(set(result.task_ids)) == 25
     assert result.round_trip is not None and result.round_trip.count == 25
@@ -265,13 +278,13 @@ def test_run_load_sends_count_requests_from_every_thread():
 
 def test_run_load_paces_requests_globally():
     started = time.monotonic()
-    result = run_load("http://127.0.0.1:9", lambda client: ["t"], concurrency=3, count=6, interval_s=0.02)
+    result = run_load("http://127.0.0.1:9", returning(["t"]), concurrency=3, count=6, interval_s=0.02)
     assert result.requests == 6
     assert time.monotonic() - started >= 0.1  # the 6th leaves 5 intervals after the first
 
 
 def test_run_load_for_a_duration():
-    result = run_load("http://127.0.0.1:9", lambda client: ["a", "b"], concurrency=2, duration_s=0.2,
+    result = run_load("http://127.0.0.1:9", returning(["a", "b"]), concurrency=2, duration_s=0.2,
                       interval_s=0.01)
     assert 10 <= result.requests <= 21
     assert result.tasks == 2 * result.requests
@@ -279,19 +292,19 @@ def test_run_load_for_a_duration():
 
 
 def test_run_load_stops_everyone_on_a_refusal():
-    def refuse(client):
+    async def refuse(client):
         raise ApiError(400, "Invalid input", "command is empty")
 
     result = run_load("http://127.0.0.1:9", refuse, concurrency=3, count=100)
     assert result.aborted and result.requests == 0
-    assert 1 <= result.errors <= 3  # each thread stops after at most one
+    assert 1 <= result.errors <= 3  # each client stops after at most one
     assert result.first_error == "HTTP 400: Invalid input: command is empty"
 
 
 def test_run_load_keeps_going_on_503_but_not_when_unreachable():
     calls = iter(range(100))
 
-    def flaky(client):
+    async def flaky(client):
         if next(calls) % 2:
             raise ApiError(503, "Database unavailable", "")
         return ["t"]
@@ -299,7 +312,7 @@ def test_run_load_keeps_going_on_503_but_not_when_unreachable():
     result = run_load("http://127.0.0.1:9", flaky, concurrency=1, count=10)
     assert (result.requests, result.errors, result.aborted) == (5, 5, False)
 
-    def gone(client):
+    async def gone(client):
         raise TransportError("Connection refused")
 
     assert run_load("http://127.0.0.1:9", gone, concurrency=2, count=50).aborted
@@ -307,7 +320,7 @@ def test_run_load_keeps_going_on_503_but_not_when_unreachable():
 
 def test_run_load_needs_a_count_or_a_duration():
     with pytest.raises(ValueError):
-        run_load("http://127.0.0.1:9", lambda client: [], concurrency=1)
+        run_load("http://127.0.0.1:9", returning([]), concurrency=1)
 
 
 # --- a run's figures -----------------------------------------------------------------------------

@@ -1,35 +1,36 @@
-"""The load generator: threads, each with its own keep-alive connection, sending ready-made bodies.
+"""The load generator: keep-alive connections on one event loop, sending ready-made bodies.
 
 A request's body is built once and sent as the same bytes every time; the only per-request work on
-the client is http.client's framing and parsing the answer for its task ids. Requests are paced
-globally (request i leaves no earlier than start + i * interval, whichever thread sends it), or sent
-back to back when the interval is 0. The process's own CPU over the run is reported, so a reader can
-tell whether the client, not the server, was the limit.
+the client is framing it and parsing the answer for its task ids. Each of `concurrency` clients has
+its own connection and one request in flight, as a thread with a blocking client would, for a
+fraction of the CPU (see AsyncSchedulerClient). Requests are paced globally (request i leaves no
+earlier than start + i * interval, whichever client sends it), or sent back to back when the interval
+is 0. The process's own CPU over the run is reported, so a reader can tell whether the client, not
+the server, was the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from distrack.bench.client import ApiError, ClientPool, SchedulerClient, TransportError
+from distrack.bench.client import ApiError, AsyncSchedulerClient, TransportError
 from distrack.bench.machine import CpuMeter, CpuUsage
 from distrack.bench.progress import Progress
 from distrack.bench.stats import LatencyStats, rate, summarize
 
-Send = Callable[[SchedulerClient], Sequence[str]]
+Send = Callable[[AsyncSchedulerClient], Awaitable[Sequence[str]]]
 
 
 def schedule_sender(body: bytes) -> Send:
     """POST /schedule with `body`; the new task's id."""
 
-    def send(client: SchedulerClient) -> Sequence[str]:
-        return (str(client.post("/schedule", body)["task_id"]),)
+    async def send(client: AsyncSchedulerClient) -> Sequence[str]:
+        return (str((await client.post("/schedule", body))["task_id"]),)
 
     return send
 
@@ -37,14 +38,14 @@ def schedule_sender(body: bytes) -> Send:
 def batch_sender(body: bytes) -> Send:
     """POST /tasks with `body`; the new tasks' ids."""
 
-    def send(client: SchedulerClient) -> Sequence[str]:
-        return [str(task["task_id"]) for task in client.post("/tasks", body)["tasks"]]
+    async def send(client: AsyncSchedulerClient) -> Sequence[str]:
+        return [str(task["task_id"]) for task in (await client.post("/tasks", body))["tasks"]]
 
     return send
 
 
 @dataclass
-class _ThreadLog:
+class _ClientLog:
     requests: int = 0
     errors: int = 0
     first_error: str | None = None
@@ -100,16 +101,36 @@ def run_load(
     progress: Progress | None = None,
     label: str = "load",
 ) -> LoadResult:
-    """Sends `count` requests, or as many as fit in `duration_s`, from `concurrency` threads."""
+    """Sends `count` requests, or as many as fit in `duration_s`, from `concurrency` clients."""
     if count is None and duration_s is None:
         raise ValueError("give a count or a duration")
     progress = progress or Progress()
-    pool = ClientPool(lambda: SchedulerClient(url, token=token))
-    stop = threading.Event()
-    aborted = threading.Event()
-    next_index = itertools.count()  # next() on it is atomic under the GIL
-    done = itertools.count(1)
     meter = CpuMeter()
+    try:
+        logs, aborted = asyncio.run(_load(url, send, concurrency, count, duration_s, interval_s, token, progress,
+                                          label))
+    finally:
+        progress.clear()
+    cpu = meter.stop()
+    return LoadResult(
+        requests=sum(log.requests for log in logs),
+        errors=sum(log.errors for log in logs),
+        first_error=next((log.first_error for log in logs if log.first_error), None),
+        task_ids=[task_id for log in logs for task_id in log.task_ids],
+        round_trip=summarize([value for log in logs for value in log.round_trips_s]),
+        cpu=cpu,
+        aborted=aborted,
+    )
+
+
+async def _load(url: str, send: Send, concurrency: int, count: int | None, duration_s: float | None,
+                interval_s: float, token: str | None, progress: Progress,
+                label: str) -> tuple[list[_ClientLog], bool]:
+    clients = [AsyncSchedulerClient(url, token=token) for _ in range(concurrency)]
+    stopped = False
+    aborted = False
+    next_index = itertools.count()
+    done = itertools.count(1)
     start = time.monotonic()
     end = None if duration_s is None else start + duration_s
 
@@ -120,28 +141,29 @@ def run_load(
         else:
             progress.elapsed(f"{label} ({n:,} requests)", time.monotonic() - start, duration_s or 0.0)
 
-    def worker() -> _ThreadLog:
-        log = _ThreadLog()
-        client = pool.get()
-        while not stop.is_set():
+    async def one_client(client: AsyncSchedulerClient) -> _ClientLog:
+        nonlocal stopped, aborted
+        log = _ClientLog()
+        while not stopped:
             index = next(next_index)
             due = start + index * interval_s
             if (count is not None and index >= count) or (end is not None and max(due, time.monotonic()) >= end):
                 break
             wait = due - time.monotonic()
-            if wait > 0 and stop.wait(wait):
-                break
+            if wait > 0:
+                await asyncio.sleep(wait)
+                if stopped:
+                    break
             sent = time.monotonic()
             try:
-                ids = send(client)
+                ids = await send(client)
             except (ApiError, TransportError) as exc:
                 log.errors += 1
                 log.first_error = log.first_error or str(exc)
                 # A refusal would be repeated for every copy of the same request, and an unreachable
                 # scheduler would cost one timeout per request: stop everyone.
                 if isinstance(exc, TransportError) or 400 <= exc.status < 500:
-                    aborted.set()
-                    stop.set()
+                    aborted = stopped = True
                 continue
             log.round_trips_s.append(time.monotonic() - sent)
             log.requests += 1
@@ -149,22 +171,10 @@ def run_load(
             report()
         return log
 
-    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="load")
     try:
-        futures = [executor.submit(worker) for _ in range(concurrency)]
-        logs = [future.result() for future in futures]
+        logs = await asyncio.gather(*(one_client(client) for client in clients))
     finally:
-        stop.set()  # on Ctrl-C too: the threads stop at their next request
-        executor.shutdown(wait=True)
-        progress.clear()
-        pool.close_all()
-    cpu = meter.stop()
-    return LoadResult(
-        requests=sum(log.requests for log in logs),
-        errors=sum(log.errors for log in logs),
-        first_error=next((log.first_error for log in logs if log.first_error), None),
-        task_ids=[task_id for log in logs for task_id in log.task_ids],
-        round_trip=summarize([value for log in logs for value in log.round_trips_s]),
-        cpu=cpu,
-        aborted=aborted.is_set(),
-    )
+        stopped = True  # on Ctrl-C too
+        for client in clients:
+            await client.close()
+    return list(logs), aborted
