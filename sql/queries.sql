@@ -102,6 +102,10 @@ claimed AS (
 )
 SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NULL::float8 AS next_due_s
 FROM claimed
+-- A claim need not wait for its commit to reach the disk: nothing runs until the start fence
+-- (mark_running) commits durably, and that flush covers this earlier commit too. A claim lost in a
+-- crash leaves the task queued, and the fence then refuses the start of what was dispatched.
+WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::float8

@@ -293,3 +293,26 @@ def test_a_claim_also_says_when_the_next_unclaimed_task_is_due(store):
     store.insert_task("echo due")
     claimed, next_due_s = store.claim([])  # no slot: nothing claimed, and something is due already
     assert claimed == [] and next_due_s <= 0
+
+
+def test_a_claim_commits_without_waiting_for_the_disk_and_leaves_the_session_durable(db_url):
+    """The claim turns synchronous_commit off for its own transaction only: the start fence and every
+    other statement on the same pooled connection still wait for their commit to reach the disk."""
+    pool = make_pool(db_url, max_size=1, name="test")
+    try:
+        store = TaskStore(pool)
+        store.insert_task("echo", 0)
+        [task] = store.claim_due(["w1"])
+        with pool.connection() as conn:  # the one connection the claim ran on
+            assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
+            # Inside one transaction, the claim's setting is visible until it ends.
+            with conn.transaction():
+                conn.execute("SELECT set_config('synchronous_commit', 'on', false)")
+                store_sql = store._sql["claim_due"]
+                conn.execute("INSERT INTO tasks (id, command, scheduled_at) VALUES (gen_random_uuid(), 'x', now())")
+                assert conn.execute(store_sql, {"worker_ids": ["w2"]}).fetchall()[0]["id"] is not None
+                assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "off"
+            assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
+        assert store.mark_running(Attempt(task.id, task.lease, "w1"))
+    finally:
+        pool.close()

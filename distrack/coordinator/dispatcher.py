@@ -1,7 +1,8 @@
 """Dispatcher: the coordinator's loop that claims due tasks and hands them to workers.
 
-Concurrency: one dispatcher thread runs the loop; SubmitTasks and CancelTask calls run on a small
-thread pool so one slow worker never holds up the others. The loop wakes on any of: a NOTIFY (new
+Concurrency: one dispatcher thread runs the loop. It starts each SubmitTasks call without waiting
+for it; the answers, the passing on of refused tasks and the CancelTask calls run on a small thread
+pool, so one slow worker never holds up the others. The loop wakes on any of: a NOTIFY (new
 task, or a cancel), a freed slot or a new worker (set by the gRPC handlers), the next due
 `scheduled_at`, or the poll interval.
 
@@ -118,6 +119,9 @@ class Dispatcher:
         self.dispatched = 0  # tasks a worker accepted from this coordinator (logged at shutdown)
         self.dispatch_calls = 0
         self._dispatched_lock = threading.Lock()
+        # SubmitTasks calls under way (stop waits for their answers).
+        self._calls: set[grpc.Future] = set()
+        self._calls_lock = threading.Lock()
 
     # --- lifecycle
 
@@ -131,6 +135,10 @@ class Dispatcher:
         self.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._calls_lock:
+            calls = list(self._calls)
+        for call in calls:  # each ends within the dispatch timeout
+            call.exception()
         self._pool.shutdown(wait=True)
         self.clients.close()
         log.info("dispatched %d task(s) in %d call(s)", self.dispatched, self.dispatch_calls)
@@ -315,11 +323,7 @@ class Dispatcher:
             self.registry.confirm(task.worker_id, str(task.id))
             batches.setdefault(task.worker_id, []).append(task)
         for worker_id, tasks in batches.items():
-            try:
-                self._submit_call(self._dispatch, tasks, by_id[worker_id])
-            except RuntimeError:  # the call pool shut down (stopping): hand the tasks back now
-                for task in tasks:
-                    self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
+            self._dispatch(tasks, by_id[worker_id])
         for worker_id, count in unused.items():
             if count:
                 self.registry.unreserve(worker_id, count)
@@ -330,30 +334,69 @@ class Dispatcher:
         future.add_done_callback(_log_failure)
 
     def _dispatch(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> None:
-        """Sends a worker its tasks in one call; each it does not take is passed on (_pass_on)."""
-        for task, why in self._send(tasks, worker):
+        """Starts one SubmitTasks call and returns without waiting for it: the loop goes on, and the
+        answer is handled on the call pool (_dispatched), where each task the worker did not take is
+        passed on (_pass_on). No thread hand-off stands between a claim and its call."""
+        if self._stop.is_set():
+            for task in tasks:
+                self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
+            return
+        try:
+            call = self.clients.stub(worker).SubmitTasks.future(_batch(tasks), timeout=self.config.dispatch_timeout_s)
+        except ValueError as exc:  # its channel was just closed
+            self._submit_call(self._dispatched, tasks, worker, exc)
+            return
+        with self._calls_lock:
+            self._calls.add(call)
+        call.add_done_callback(lambda done: self._on_call_done(done, tasks, worker))
+
+    def _on_call_done(self, call: grpc.Future, tasks: list[ClaimedTask], worker: WorkerInfo) -> None:
+        """On gRPC's thread, which must not block: the answer goes to the call pool (or, once that
+        has shut down at stop, is handled here)."""
+        try:
+            self._submit_call(self._dispatched, tasks, worker, call)
+        except RuntimeError:
+            self._dispatched(tasks, worker, call)
+
+    def _dispatched(self, tasks: list[ClaimedTask], worker: WorkerInfo, outcome: grpc.Future | Exception) -> None:
+        try:
+            # A gRPC call future is an RpcError too: ask whether it is a future first.
+            if isinstance(outcome, grpc.Future):
+                try:
+                    not_taken = self._not_taken(tasks, worker, outcome.result())
+                except (grpc.RpcError, ValueError) as exc:
+                    not_taken = self._failed_call(tasks, worker, exc)
+            else:
+                not_taken = self._failed_call(tasks, worker, outcome)
+        finally:
+            with self._calls_lock:
+                self._calls.discard(outcome)
+        for task, why in not_taken:
             self._pass_on(task, worker, why)
 
     def _send(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> list[tuple[ClaimedTask, str]]:
-        """One SubmitTasks call; returns the tasks the worker did not take, each with why."""
+        """One SubmitTasks call, waited for; returns the tasks the worker did not take, each with why."""
         if self._stop.is_set():
             return [(task, "stopping") for task in tasks]
-        batch = distrack_pb2.TaskBatch(tasks=[
-            distrack_pb2.TaskRequest(task_id=str(t.id), command=t.command, attempt=t.attempt, lease=t.lease,
-                                     timeout_seconds=t.timeout_seconds or 0.0)
-            for t in tasks
-        ])
         try:
-            reply = self.clients.stub(worker).SubmitTasks(batch, timeout=self.config.dispatch_timeout_s)
+            reply = self.clients.stub(worker).SubmitTasks(_batch(tasks), timeout=self.config.dispatch_timeout_s)
         except (grpc.RpcError, ValueError) as exc:  # ValueError: its channel was just closed
-            # Whatever the failure, no task of the call can run there: a start needs the coordinator
-            # to record it under this worker's name and lease (the start fence), and passing a task on
-            # takes that name off the row. If the worker did accept one, its start is refused.
-            refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
-            log.log(logging.INFO if refused else logging.WARNING, "worker %s refused a dispatch of %d task(s) (%s)",
-                    worker.worker_id, len(tasks), _describe(exc))
-            self.registry.mark_refusing(worker.worker_id)
-            return [(task, _describe(exc)) for task in tasks]
+            return self._failed_call(tasks, worker, exc)
+        return self._not_taken(tasks, worker, reply)
+
+    def _failed_call(self, tasks: list[ClaimedTask], worker: WorkerInfo, exc: Exception
+                     ) -> list[tuple[ClaimedTask, str]]:
+        # Whatever the failure, no task of the call can run there: a start needs the coordinator
+        # to record it under this worker's name and lease (the start fence), and passing a task on
+        # takes that name off the row. If the worker did accept one, its start is refused.
+        refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
+        log.log(logging.INFO if refused else logging.WARNING, "worker %s refused a dispatch of %d task(s) (%s)",
+                worker.worker_id, len(tasks), _describe(exc))
+        self.registry.mark_refusing(worker.worker_id)
+        return [(task, _describe(exc)) for task in tasks]
+
+    def _not_taken(self, tasks: list[ClaimedTask], worker: WorkerInfo, reply: distrack_pb2.TaskBatchResponse
+                   ) -> list[tuple[ClaimedTask, str]]:
         results = {r.task_id: r for r in reply.results}
         not_taken = []
         for task in tasks:
@@ -409,6 +452,14 @@ class Dispatcher:
         except DatabaseUnavailable as exc:
             log.warning("could not return %s to the queue (%s); the acknowledgement deadline will",
                         attempt.task_id, exc)
+
+
+def _batch(tasks: list[ClaimedTask]) -> distrack_pb2.TaskBatch:
+    return distrack_pb2.TaskBatch(tasks=[
+        distrack_pb2.TaskRequest(task_id=str(t.id), command=t.command, attempt=t.attempt, lease=t.lease,
+                                 timeout_seconds=t.timeout_seconds or 0.0)
+        for t in tasks
+    ])
 
 
 def _describe(exc: Exception) -> str:
