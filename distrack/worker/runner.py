@@ -2,8 +2,9 @@
 one file, stdin from /dev/null.
 
 The command is started with posix_spawn rather than subprocess.Popen: the same child, for about a third
-of the parent's CPU (no Python-side fork preparation, and vfork-like spawning in the C library). Its exit
-is awaited on a pidfd (Linux 5.3+) so a timeout needs no polling; without pidfds it polls.
+of the parent's CPU (no Python-side fork preparation, and vfork-like spawning in the C library), called
+so that the GIL is released while the child execs (see spawner). Its exit is awaited on a pidfd (Linux
+5.3+) so a timeout needs no polling; without pidfds it polls.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from distrack.worker.spawner import spawn_session
 
 # After SIGTERM, how long the process group gets before SIGKILL.
 KILL_GRACE_S = 2.0
@@ -101,16 +104,9 @@ class Child:
 def spawn(command: str, output: Path, env: Mapping[str, str] | None = None) -> Child:
     """Starts `bash -c command` in a new session, output to `output`; raises OSError when it cannot."""
     with open(output, "wb") as out:
-        pid = os.posix_spawnp(
-            "bash", ["bash", "-c", command], os.environ if env is None else env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
-                (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
-            ],
-            # Its own session and process group, so a timeout or cancel can kill everything it started.
-            setsid=True,
-        )
+        # Its own session and process group, so a timeout or cancel can kill everything it started.
+        pid = spawn_session("bash", ["bash", "-c", command], os.environ if env is None else env,
+                            stdin_path=os.devnull, output_fd=out.fileno())
     return Child(pid)
 
 
