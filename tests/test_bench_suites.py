@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +17,7 @@ from distrack.bench.config import SuiteConfig, expand_suites
 from distrack.bench.load import run_load
 from distrack.bench.machine import CLOCK_TICKS, CpuUsage, MemoryGrowth, memory_growth, parse_proc_stat
 from distrack.bench.progress import Progress, bar
-from distrack.bench.references import PostgresReference, RateResult, pg_text_array
+from distrack.bench.references import PostgresReference, RateResult, bash_reference, pg_text_array
 from distrack.bench.run import Report
 from distrack.bench.stack import parse_service_pids, postgres_url_from_pid_file
 from distrack.bench.stats import durations, ratio, seconds_between, server_span, thirds
@@ -437,3 +438,17 @@ def test_report_exit_code_and_text():
     unfinished = measure_run("e", load_result(3), [task("a", completed=1)], 2, CpuUsage(1, 0.1, 0.1))
     report.add("sustained", unfinished, lambda refs: [], [unfinished])
     assert report.exit_code == 1
+
+
+def test_the_bash_reference_keeps_its_files_in_the_folder_it_is_given(tmp_path):
+    kept = tmp_path / "bash-reference-1"
+    result = bash_reference("echo hi", concurrency=2, duration_s=0.2, out_dir=kept)
+    assert result.operations > 0 and result.failures == 0
+    files = sorted(kept.iterdir())
+    assert len(files) == result.operations and files[0].read_text() == "hi\n"
+
+
+def test_the_bash_reference_removes_its_own_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = bash_reference("echo hi", concurrency=1, duration_s=0.1)
+    assert result.operations > 0 and list(tmp_path.iterdir()) == []

@@ -94,9 +94,18 @@ def _timed_threads(
 
 
 def bash_reference(command: str, *, concurrency: int, duration_s: float = REFERENCE_S,
-                   progress: Progress | None = None) -> RateResult:
-    """`bash -c command` as fast as `concurrency` threads can run it, output to files in a temp dir."""
-    out_dir = Path(tempfile.mkdtemp(prefix="distrack-bench-bash-"))
+                   progress: Progress | None = None, out_dir: Path | None = None) -> RateResult:
+    """`bash -c command` as fast as `concurrency` threads can run it, output to files in `out_dir`
+    (made, and left for the caller to remove), or in a temporary folder removed afterwards.
+
+    The benchmark passes a folder it removes only when the whole run is over: removing thousands of
+    files can make creating files slow for the next minute or so (ext4 without a journal skips inodes
+    deleted recently, and looks at each one to know), which would tax whatever the run measures next."""
+    keep = out_dir is not None
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="distrack-bench-bash-"))
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     def run_one(index: int) -> int:
         # Spawned and awaited exactly as a worker does it (the same code), so the ratio compares like
@@ -110,7 +119,8 @@ def bash_reference(command: str, *, concurrency: int, duration_s: float = REFERE
         runs, failures, cpu = _timed_threads(run_one, threads=concurrency, duration_s=duration_s,
                                              progress=progress or Progress(), label="reference: bash -c")
     finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
     return RateResult(f"bash -c {command!r}, {concurrency} threads", runs, failures, cpu)
 
 

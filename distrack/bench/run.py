@@ -101,7 +101,7 @@ def _run_all(config: SuiteConfig, work_dir: Path, report: Report) -> None:
             report.services = dict(sut.services)
             note(f"stack: {report.stack}")
             if needs_bash:
-                _measure_bash(config, report, progress)
+                _measure_bash(config, report, progress, work_dir)
             if "throughput" in main_suites and sut.database_url:
                 note(f"[reference] PostgreSQL inserts into a scratch copy of tasks, {config.concurrency} connections")
                 settle(progress)
@@ -114,14 +114,14 @@ def _run_all(config: SuiteConfig, work_dir: Path, report: Report) -> None:
                     with report.guard(name):
                         _run_main_suite(name, sut, source, config, report, progress)
     elif needs_bash:
-        _measure_bash(config, report, progress)
+        _measure_bash(config, report, progress, work_dir)
     if "scaling" in config.suites:
         with report.guard("scaling"):
             scaling = scaling_suite(config, work_dir, progress)
             report.add("scaling", scaling, lambda refs: fig.scaling_figures(scaling, refs),
                        [run for _, run in scaling.steps])
     if needs_bash:
-        _measure_bash(config, report, progress)  # again at the end: the machine's speed drifts
+        _measure_bash(config, report, progress, work_dir)  # again at the end: the machine's speed drifts
 
 
 def bash_concurrency(config: SuiteConfig) -> int:
@@ -130,12 +130,14 @@ def bash_concurrency(config: SuiteConfig) -> int:
     return config.workers * DEFAULT_SLOTS if config.url is None else config.concurrency
 
 
-def _measure_bash(config: SuiteConfig, report: Report, progress: Progress) -> None:
+def _measure_bash(config: SuiteConfig, report: Report, progress: Progress, work_dir: Path) -> None:
     threads = bash_concurrency(config)
     note(f"[reference] bash -c {config.command!r} from {threads} threads")
     settle(progress)
+    # Its files stay until the run ends, like the stacks' (see bash_reference).
+    out_dir = work_dir / f"bash-reference-{len(report.references.bash) + 1}"
     report.references.bash.append(bash_reference(config.command, concurrency=threads,
-                                                 duration_s=config.reference_s, progress=progress))
+                                                 duration_s=config.reference_s, progress=progress, out_dir=out_dir))
 
 
 def _run_main_suite(name: str, sut: StackUnderTest, source: Any, config: SuiteConfig, report: Report,
