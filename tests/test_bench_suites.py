@@ -7,6 +7,7 @@ import asyncio
 import io
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -452,3 +453,19 @@ def test_the_bash_reference_removes_its_own_temporary_folder(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = bash_reference("echo hi", concurrency=1, duration_s=0.1)
     assert result.operations > 0 and list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_runs_for_a_superuser_and_is_skipped_with_a_note_otherwise(sql_conn, capsys):
+    from distrack.bench.suites import checkpoint
+
+    checkpoint(sql_conn)  # the test server's role may
+    role = f"bench_nopriv_{uuid.uuid4().hex[:8]}"
+    sql_conn.execute(f"CREATE ROLE {role} NOLOGIN")
+    try:
+        sql_conn.execute(f"SET ROLE {role}")
+        checkpoint(sql_conn)
+        assert "no CHECKPOINT" in capsys.readouterr().err
+        assert sql_conn.execute("SELECT 1").fetchone()  # the connection is still usable
+    finally:
+        sql_conn.execute("RESET ROLE")
+        sql_conn.execute(f"DROP ROLE {role}")
