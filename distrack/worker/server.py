@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from distrack.config import WorkerConfig
-from distrack.process import grpc_server, wait_for_stop
+from distrack.process import freeze_startup_objects, grpc_server, wait_for_stop
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import describe_rpc_error
 from distrack.worker.environment import TaskEnvironment, prepare_task_dir
@@ -108,6 +108,7 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
         log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
                  worker_id, port, address, ",".join(client.targets), config.slots, output_dir.resolve())
         task_env.log_summary()
+        freeze_startup_objects()
         wait_for_stop(stop)
     finally:
         # Order: take no new task (heartbeats now advertise no slot), let running ones finish within
