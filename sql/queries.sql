@@ -104,7 +104,9 @@ SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NU
 FROM claimed
 -- A claim need not wait for its commit to reach the disk: nothing runs until the start fence
 -- (mark_running) commits durably, and that flush covers this earlier commit too. A claim lost in a
--- crash leaves the task queued, and the fence then refuses the start of what was dispatched.
+-- crash leaves the task queued, and the fence then refuses the start of what was dispatched; if the
+-- task is claimed again for the same worker, it gets the same lease number, which that worker takes
+-- as the dispatch it already holds (one run, not two).
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,

@@ -17,6 +17,9 @@ def app(environ, start_response):  # noqa: ANN001, ANN201 - WSGI
         count = _served
     if path == "/boom":
         raise RuntimeError("the app failed")
+    if path == "/noread":  # answers without reading the body, as a 413 does
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
     if path == "/slow":
         time.sleep(float(environ.get("QUERY_STRING") or "1"))
     body = environ["wsgi.input"].read() if environ.get("CONTENT_LENGTH") else b""

@@ -173,3 +173,41 @@ def test_a_new_task_due_after_the_loops_own_wake_up_does_not_wake_it():
         assert wakeup.is_set()
     finally:
         dispatcher._pool.shutdown()
+
+
+class SlowRefusingWorker(distrack_pb2_grpc.WorkerServicer):
+    """A worker whose SubmitTasks answers after `delay_s`, refusing every task as full."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.called = threading.Event()
+
+    def SubmitTasks(self, request, context):
+        self.called.set()
+        threading.Event().wait(self.delay_s)
+        return distrack_pb2.TaskBatchResponse(results=[
+            distrack_pb2.TaskResponse(task_id=t.task_id, accepted=False, refusal=distrack_pb2.FULL)
+            for t in request.tasks])
+
+
+def test_stop_handles_the_answers_of_dispatches_under_way_before_returning(store, db_url):
+    from distrack.coordinator.dispatcher import Dispatcher
+
+    worker = SlowRefusingWorker(delay_s=1.0)
+    server = grpc.server(ThreadPoolExecutor(2))
+    distrack_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        store.record_heartbeat("slow", f"127.0.0.1:{port}", 1, [])
+        task_id = store.insert_task("echo", 0)["id"]
+        dispatcher = Dispatcher(store, WorkerRegistry(), CoordinatorConfig(database_url=db_url), threading.Event())
+        dispatcher.run_once()  # claims the task and starts the call, without waiting for it
+        assert store.get_task(task_id)["status"] == "picked"
+        assert worker.called.wait(5)
+        dispatcher.stop()
+        # The refusal arrived while stopping and was handled before stop() returned: the task is back
+        # in the queue, not left picked until the acknowledgement deadline.
+        assert store.get_task(task_id)["status"] == "queued"
+    finally:
+        server.stop(0).wait()

@@ -200,9 +200,27 @@ def test_connections_beyond_the_limit_wait_to_be_accepted(tmp_path):
         g.stop()
 
 
+def test_a_small_unread_body_is_discarded_and_the_connection_serves_on(server):
+    with server.connect() as sock:
+        sock.sendall(request("/noread", b"x" * 5000))
+        assert read_response(sock)[2] == b"ok"
+        sock.sendall(request("/echo", b"next"))
+        assert read_response(sock)[2].endswith(b" next")
+
+
+def test_a_large_unread_body_that_never_ends_closes_the_connection_soon(server):
+    with server.connect() as sock:
+        sock.sendall(b"POST /noread HTTP/1.1\r\nHost: t\r\nContent-Length: 1073741824\r\n\r\n" + b"x" * 100_000)
+        assert read_response(sock)[2] == b"ok"
+        started = time.monotonic()
+        assert closed_by_server(sock)  # not after 30 s of reading a GiB
+        assert time.monotonic() - started < 5
+
+
 def test_shutdown_finishes_the_request_under_way_and_closes_idle_connections(tmp_path):
     g = Gunicorn(tmp_path)
     try:
+        silent = g.connect()  # connected, never sent a byte
         idle = g.connect()
         idle.sendall(request("/ping"))
         assert read_response(idle)[0] == 200
@@ -215,6 +233,7 @@ def test_shutdown_finishes_the_request_under_way_and_closes_idle_connections(tmp
         reader = threading.Thread(target=lambda: answer.append(read_response(busy)))
         reader.start()
         assert closed_by_server(idle)  # at once, not after the keep-alive timeout
+        assert closed_by_server(silent)  # nor after the first request's read timeout
         assert time.monotonic() - started < 1.2
         reader.join(10)
         status, headers, body = answer[0]
@@ -225,5 +244,6 @@ def test_shutdown_finishes_the_request_under_way_and_closes_idle_connections(tmp
         assert not pid_alive(g.proc.pid)
         busy.close()
         idle.close()
+        silent.close()
     finally:
         g.stop()

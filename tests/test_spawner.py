@@ -70,3 +70,11 @@ def test_a_missing_program_is_a_file_not_found_error(path, tmp_path):
     with open(tmp_path / "out.txt", "wb") as out, pytest.raises(FileNotFoundError):
         spawner.spawn_session("no-such-program-distrack", ["no-such-program-distrack"], {"PATH": os.defpath},
                               stdin_path=os.devnull, output_fd=out.fileno())
+
+
+def test_a_nul_in_an_argument_or_the_environment_is_refused_not_cut_short(path, tmp_path):
+    with open(tmp_path / "out.txt", "wb") as out:
+        for argv, env in ((["bash", "-c", "echo a\0b"], {"PATH": os.defpath}),
+                          (["bash", "-c", "true"], {"PATH": os.defpath, "X": "a\0b"})):
+            with pytest.raises(ValueError):
+                spawner.spawn_session("bash", argv, env, stdin_path=os.devnull, output_fd=out.fileno())

@@ -50,6 +50,8 @@ DISPATCH_THREADS = 16
 # the database's by up to this much.
 NOTIFY_CLOCK_MARGIN_S = 1.0
 CANCEL_TIMEOUT_S = 5.0
+# stop() waits for the answers of the calls under way this much longer than a call may take.
+STOP_ANSWERS_MARGIN_S = 5.0
 
 WORKER_LOST_ERROR = "worker {worker_id} was lost (no heartbeat for {silent})"
 UNACKNOWLEDGED_ERROR = "dispatched to worker {worker_id} but not acknowledged within {ack_timeout_s:g} s"
@@ -119,9 +121,9 @@ class Dispatcher:
         self.dispatched = 0  # tasks a worker accepted from this coordinator (logged at shutdown)
         self.dispatch_calls = 0
         self._dispatched_lock = threading.Lock()
-        # SubmitTasks calls under way (stop waits for their answers).
-        self._calls: set[grpc.Future] = set()
-        self._calls_lock = threading.Lock()
+        # SubmitTasks answers not yet handled (stop waits for them before the call pool goes).
+        self._answers_owed = 0
+        self._answers_changed = threading.Condition()
 
     # --- lifecycle
 
@@ -135,10 +137,9 @@ class Dispatcher:
         self.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._calls_lock:
-            calls = list(self._calls)
-        for call in calls:  # each ends within the dispatch timeout
-            call.exception()
+        with self._answers_changed:  # each call ends within the dispatch timeout
+            self._answers_changed.wait_for(lambda: self._answers_owed == 0,
+                                           self.config.dispatch_timeout_s + STOP_ANSWERS_MARGIN_S)
         self._pool.shutdown(wait=True)
         self.clients.close()
         log.info("dispatched %d task(s) in %d call(s)", self.dispatched, self.dispatch_calls)
@@ -341,22 +342,22 @@ class Dispatcher:
             for task in tasks:
                 self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
             return
+        with self._answers_changed:
+            self._answers_owed += 1
         try:
             call = self.clients.stub(worker).SubmitTasks.future(_batch(tasks), timeout=self.config.dispatch_timeout_s)
-        except ValueError as exc:  # its channel was just closed
-            self._submit_call(self._dispatched, tasks, worker, exc)
+        except Exception as exc:  # ValueError: its channel was just closed
+            self._hand_over(tasks, worker, exc)
             return
-        with self._calls_lock:
-            self._calls.add(call)
-        call.add_done_callback(lambda done: self._on_call_done(done, tasks, worker))
+        call.add_done_callback(lambda done: self._hand_over(tasks, worker, done))
 
-    def _on_call_done(self, call: grpc.Future, tasks: list[ClaimedTask], worker: WorkerInfo) -> None:
-        """On gRPC's thread, which must not block: the answer goes to the call pool (or, once that
-        has shut down at stop, is handled here)."""
+    def _hand_over(self, tasks: list[ClaimedTask], worker: WorkerInfo, outcome: grpc.Future | Exception) -> None:
+        """Called on gRPC's thread, which must not block: the answer goes to the call pool. (stop()
+        waits for every answer before shutting the pool down; if it gave up waiting, here it is.)"""
         try:
-            self._submit_call(self._dispatched, tasks, worker, call)
+            self._submit_call(self._dispatched, tasks, worker, outcome)
         except RuntimeError:
-            self._dispatched(tasks, worker, call)
+            self._dispatched(tasks, worker, outcome)
 
     def _dispatched(self, tasks: list[ClaimedTask], worker: WorkerInfo, outcome: grpc.Future | Exception) -> None:
         try:
@@ -368,11 +369,12 @@ class Dispatcher:
                     not_taken = self._failed_call(tasks, worker, exc)
             else:
                 not_taken = self._failed_call(tasks, worker, outcome)
+            for task, why in not_taken:
+                self._pass_on(task, worker, why)
         finally:
-            with self._calls_lock:
-                self._calls.discard(outcome)
-        for task, why in not_taken:
-            self._pass_on(task, worker, why)
+            with self._answers_changed:
+                self._answers_owed -= 1
+                self._answers_changed.notify_all()
 
     def _send(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> list[tuple[ClaimedTask, str]]:
         """One SubmitTasks call, waited for; returns the tasks the worker did not take, each with why."""

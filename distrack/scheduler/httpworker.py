@@ -14,6 +14,7 @@ connections so they close, and gives busy ones `graceful_timeout` to finish thei
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -31,8 +32,11 @@ from gunicorn.workers import base
 
 # How often the main thread tells the arbiter it is alive when nothing else wakes it.
 HEARTBEAT_S = 1.0
-# A client that stops sending halfway through a request (or its body) is dropped after this long.
+# How long a new connection may take to send its first request, and the longest wait for more of a
+# request under way (a stall in the headers closes the connection; in a body, the app's read fails).
 READ_TIMEOUT_S = 30.0
+# At most this long is spent discarding a body the app left unread before the next request.
+BODY_DRAIN_S = 1.0
 _DISCONNECTS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 
 
@@ -49,9 +53,17 @@ class _ResponseBuffer:
         self._parts.append(data)
 
     def fileno(self) -> int:
-        # Whoever wants the descriptor (sendfile) writes to it directly: what came before goes first.
+        # Whoever wants the descriptor writes to it directly: what came before goes first.
         self.flush()
         return self._sock.fileno()
+
+    def sendfile(self, *args: Any, **kwargs: Any) -> int:
+        self.flush()
+        return self._sock.sendfile(*args, **kwargs)
+
+    def send(self, data: bytes) -> int:
+        self.flush()
+        return self._sock.send(data)
 
     def flush(self) -> None:
         if self._parts:
@@ -73,13 +85,18 @@ class ConnectionThreadWorker(base.Worker):
         self._stop_r = self._stop_w = -1
 
     def init_process(self) -> None:
-        # Readable once shutdown begins; every idle connection polls it beside its socket.
-        self._stop_r, self._stop_w = os.pipe()
+        # Readable once shutdown begins; every idle connection polls it beside its socket. Never
+        # drained, and non-blocking, so a signal handler's write cannot block.
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.alive = False
-        os.write(self._stop_w, b"x")
+        self._wake_connections()
+
+    def _wake_connections(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # already full of wake-ups
+            os.write(self._stop_w, b"x")
 
     def run(self) -> None:
         for listener in self.sockets:
@@ -139,21 +156,21 @@ class ConnectionThreadWorker(base.Worker):
         """Idle connections close when the stop pipe wakes them; busy ones finish their request (and
         then close) within the graceful timeout."""
         self.alive = False
-        os.write(self._stop_w, b"x")
+        self._wake_connections()
         deadline = time.monotonic() + self.cfg.graceful_timeout
         with self._open_changed:
             while self._open and time.monotonic() < deadline:
                 self.notify()
                 self._open_changed.wait(min(HEARTBEAT_S, max(0.0, deadline - time.monotonic())))
 
-    def _next_request_arrives(self, client: socket.socket, parser: Any, poller: select.poll) -> bool:
-        """Waits for the next request on an idle connection: False on shutdown or keep-alive timeout."""
+    def _next_request_arrives(self, client: socket.socket, parser: Any, poller: select.poll,
+                              timeout_s: float) -> bool:
+        """Waits for a request on an idle connection: False on shutdown or after `timeout_s`."""
         if parser.unreader.buf.getvalue():  # pipelined behind the last one, already read
             return True
         if isinstance(client, ssl.SSLSocket) and client.pending():
             return True
-        keepalive_ms = max(1, int(self.cfg.keepalive * 1000))
-        events = poller.poll(keepalive_ms)
+        events = poller.poll(max(1, int(timeout_s * 1000)))
         return bool(events) and all(fd != self._stop_r for fd, _ in events)
 
     def _serve(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
@@ -169,13 +186,20 @@ class ConnectionThreadWorker(base.Worker):
             poller = select.poll()
             poller.register(conn, select.POLLIN)
             poller.register(self._stop_r, select.POLLIN)
-            first = True
-            while self.alive and (first or self._next_request_arrives(conn, parser, poller)):
-                first = False
+            # A new connection gets as long as a stalled request to send its first one (a TLS
+            # handshake included); an idle kept-alive one gets the keep-alive timeout. Shutdown wakes
+            # either.
+            wait_s = READ_TIMEOUT_S
+            while self.alive and self._next_request_arrives(conn, parser, poller, wait_s):
                 req = next(parser)
                 if not self._handle_request(req, conn, addr, server):
                     break
+                # A body the app did not read (a 413, say) is discarded before the next request, but
+                # only so much of it and for so long: beyond that the connection closes instead.
+                if not parser.finish_body(deadline=time.monotonic() + BODY_DRAIN_S):
+                    break
                 req = None
+                wait_s = self.cfg.keepalive
         except (http.errors.NoMoreData, StopIteration):
             pass
         except TimeoutError:
@@ -189,10 +213,12 @@ class ConnectionThreadWorker(base.Worker):
         except Exception as exc:
             self.handle_error(req, conn, addr, exc)
         finally:
-            util.close_graceful(conn)
-            with self._open_changed:
-                self._open.discard(client)
-                self._open_changed.notify_all()
+            try:
+                util.close_graceful(conn)
+            finally:
+                with self._open_changed:
+                    self._open.discard(client)
+                    self._open_changed.notify_all()
 
     def _handle_request(self, req: Any, conn: socket.socket, addr: Any, server: Any) -> bool:
         """Serves one request; True when the connection stays open for another."""

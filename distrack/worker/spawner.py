@@ -9,8 +9,8 @@ to their defaults (Python ignores them, and ignored signals stay ignored across 
 would see write errors instead of dying quietly) and an empty signal mask, as subprocess does with
 restore_signals.
 
-Where the C library lacks what this needs (not glibc or musl), os.posix_spawnp is used, with the same
-signal settings.
+The flag values below are glibc's (2.26 and later) and musl's, which distrack supports (Linux). Where
+the C library lacks one of the functions, os.posix_spawnp is used, with the same signal settings.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class _Opaque(ctypes.Structure):
-    _fields_ = [("_bytes", ctypes.c_ubyte * _OPAQUE_BYTES)]
+    # 8-byte words: as aligned as the structures it stands for need.
+    _fields_ = [("_words", ctypes.c_uint64 * (_OPAQUE_BYTES // 8))]
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -70,6 +71,9 @@ def _spawn_with_libc(libc: ctypes.CDLL, file: str, argv: Sequence[str], env: Map
                      output_fd: int) -> int:
     args = [os.fsencode(a) for a in argv]
     environment = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    # A C string ends at its first NUL: refuse what would be cut short, as os.posix_spawnp does.
+    if any(b"\0" in item for item in (*args, *environment)):
+        raise ValueError("embedded null byte")
     c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
     c_env = (ctypes.c_char_p * (len(environment) + 1))(*environment, None)
     actions, attrs, defaults, mask = _Opaque(), _Opaque(), _Opaque(), _Opaque()
