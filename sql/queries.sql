@@ -13,7 +13,8 @@ VALUES (%(id)s, %(command)s, now() + make_interval(secs => %(delay_seconds)s),
 RETURNING id, command, scheduled_at, status, attempts, max_attempts, timeout_seconds;
 
 -- insert_tasks --
--- A batch in one statement: one transaction, and one NOTIFY from the statement-level trigger. The
+-- A batch in one statement: one transaction, and one NOTIFY from the statement-level trigger (POST
+-- /tasks, and the scheduler's group insert of single POST /schedule requests that arrived together). The
 -- batch comes in as one JSON array and goes back as one JSON array of the new tasks, in the input's
 -- order, as the API shows them: PostgreSQL parses and formats thousands of rows for a fraction of
 -- what doing it row by row in Python costs.
@@ -37,30 +38,6 @@ SELECT count(*) AS count,
            'timeout_seconds', i.timeout_seconds) ORDER BY b.n), '[]')::text AS tasks
 FROM inserted AS i
 JOIN batch AS b USING (id);
-
--- insert_tasks_each --
--- As insert_tasks, for the scheduler's group insert of single POST /schedule requests that arrived
--- together: one row per task, in the input's order, each the task as the API shows it.
-WITH batch AS (
-    SELECT e.n, (e.task ->> 'id')::uuid AS id, e.task ->> 'command' AS command,
-           (e.task ->> 'delay_seconds')::float8 AS delay_seconds, (e.task ->> 'max_attempts')::int AS max_attempts,
-           (e.task ->> 'timeout_seconds')::float8 AS timeout_seconds
-    FROM json_array_elements(%(tasks)s::json) WITH ORDINALITY AS e (task, n)
-),
-inserted AS (
-    INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)
-    SELECT id, command, now() + make_interval(secs => delay_seconds), max_attempts, timeout_seconds
-    FROM batch
-    RETURNING id, command, scheduled_at, status, attempts, max_attempts, timeout_seconds
-)
-SELECT json_build_object(
-           'task_id', i.id, 'command', i.command,
-           'scheduled_at', to_char(i.scheduled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-           'status', i.status, 'attempts', i.attempts, 'max_attempts', i.max_attempts,
-           'timeout_seconds', i.timeout_seconds)::text AS task
-FROM inserted AS i
-JOIN batch AS b USING (id)
-ORDER BY b.n;
 
 -- get_task --
 SELECT id, command, scheduled_at, picked_at, started_at, completed_at, failed_at,

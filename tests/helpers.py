@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,8 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 # Fast liveness for tests: a heartbeat every 0.2 s, a worker lost after 3 misses.
@@ -295,3 +299,50 @@ class Api:
             return doc if doc["status"] in ("completed", "failed", "cancelled") else None
 
         return wait_for(final, timeout, what=f"task {task_id} to finish")  # type: ignore[return-value]
+
+
+# --- an in-test coordinator
+
+INPROGRESS = distrack_pb2.TaskStatus.INPROGRESS
+
+
+class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
+    """A coordinator for a worker under test: records heartbeats and reports, and records every start
+    unless told otherwise (deny_start); can refuse the next N reports with UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.heartbeats: list[distrack_pb2.HeartbeatRequest] = []
+        self.reports: list[distrack_pb2.TaskStatusUpdate] = []
+        self.refuse_reports = 0
+        self.refused = 0
+        self.deny_start: set[str] = set()  # tasks whose INPROGRESS is answered "not recorded"
+
+    def Heartbeat(self, request, context):
+        with self.lock:
+            self.heartbeats.append(request)
+        return distrack_pb2.HeartbeatResponse()
+
+    def ReportTasks(self, request, context):
+        # Refused or recorded as a whole, like a coordinator whose database is down or up.
+        with self.lock:
+            if self.refuse_reports > 0:
+                self.refuse_reports -= 1
+                self.refused += 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "database down (test)")
+            self.reports.extend(request.updates)
+            denied = [u.status == INPROGRESS and u.task_id in self.deny_start for u in request.updates]
+        acks = [distrack_pb2.TaskStatusAck(recorded=not d) for d in denied]
+        return distrack_pb2.TaskStatusAcks(acks=acks)
+
+    def statuses(self, task_id: str) -> list[int]:
+        with self.lock:
+            return [r.status for r in self.reports if r.task_id == task_id]
+
+    def final(self, task_id: str) -> distrack_pb2.TaskStatusUpdate | None:
+        with self.lock:
+            done = [r for r in self.reports if r.task_id == task_id and r.status != INPROGRESS]
+        return done[-1] if done else None
+
+    def Deregister(self, request, context):
+        return distrack_pb2.DeregisterResponse()

@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +29,7 @@ import grpc
 import psycopg
 import pytest
 from certs import CertificateAuthority
-from helpers import TEST_HEARTBEAT_S, Api, Service, free_port, wait_for
+from helpers import TEST_HEARTBEAT_S, Api, RecordingCoordinator, Service, free_port, wait_for
 
 from distrack import up
 from distrack.cli import main
@@ -79,30 +78,7 @@ def query(db_url: str, sql: str, *params: object) -> list[tuple]:
 # --- a worker: nobody without the token hands it a task
 
 
-class AcceptingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
-    """Records every call and records every start: with it, only the worker's own token check stands
-    between a caller and a command that runs."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.heartbeats: list[distrack_pb2.HeartbeatRequest] = []
-        self.reports: list[distrack_pb2.TaskStatusUpdate] = []
-
-    def Heartbeat(self, request, context):
-        with self.lock:
-            self.heartbeats.append(request)
-        return distrack_pb2.HeartbeatResponse()
-
-    def ReportTasks(self, request, context):
-        with self.lock:
-            self.reports.extend(request.updates)
-        return distrack_pb2.TaskStatusAcks(acks=[distrack_pb2.TaskStatusAck(recorded=True) for _ in request.updates])
-
-    def Deregister(self, request, context):
-        return distrack_pb2.DeregisterResponse()
-
-
-def serve_coordinator(coordinator: AcceptingCoordinator) -> tuple[grpc.Server, int]:
+def serve_coordinator(coordinator: RecordingCoordinator) -> tuple[grpc.Server, int]:
     """A started in-test coordinator on a free loopback port that requires the cluster token."""
     server = grpc.server(ThreadPoolExecutor(4), interceptors=server_interceptors(TransportSecurity(token=TOKEN)))
     distrack_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
@@ -114,7 +90,7 @@ def serve_coordinator(coordinator: AcceptingCoordinator) -> tuple[grpc.Server, i
 @pytest.fixture
 def lone_worker(tmp_path):
     """A worker process with a cluster token, heartbeating to an in-test coordinator that requires it."""
-    coordinator = AcceptingCoordinator()
+    coordinator = RecordingCoordinator()
     server, coordinator_port = serve_coordinator(coordinator)
     port = free_port()
     env = dict(os.environ, DISTRACK_CLUSTER_TOKEN=TOKEN)
@@ -163,7 +139,7 @@ def test_a_worker_refuses_a_task_from_anyone_without_the_token(lone_worker, tmp_
 
 
 def test_a_worker_with_a_token_refused_by_its_coordinator_says_so(tmp_path):
-    server, coordinator_port = serve_coordinator(AcceptingCoordinator())
+    server, coordinator_port = serve_coordinator(RecordingCoordinator())
     service = Service("worker", [
         "worker", "--worker_port=127.0.0.1:0", f"--coordinator=127.0.0.1:{coordinator_port}",
         f"--output_dir={tmp_path / 'out'}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
@@ -413,7 +389,7 @@ def test_a_task_cannot_read_the_workers_own_environment_in_proc(tmp_path):
     as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     home = Path(tempfile.mkdtemp(prefix="distrack-shield-"))
     home.chmod(0o777)
-    coordinator = AcceptingCoordinator()
+    coordinator = RecordingCoordinator()
     server, coordinator_port = serve_coordinator(coordinator)
     port = free_port()
     env = dict(os.environ, DISTRACK_CLUSTER_TOKEN=TOKEN, DATABASE_URL="postgresql://distrack:hunter2@db/distrack")

@@ -274,7 +274,7 @@ def test_data_the_database_cannot_hold_is_rejected_not_an_outage(server_url, tmp
             with pytest.raises(DataRejected):
                 TaskStore(pool).insert_task("echo \u2603", 0)
             with pytest.raises(DataRejected):
-                TaskStore(pool).insert_tasks_each([TaskSpec("echo caf\u00e9"), TaskSpec("echo \u2603")])
+                TaskStore(pool).insert_tasks([TaskSpec("echo caf\u00e9"), TaskSpec("echo \u2603")])
             assert TaskStore(pool).insert_task("echo caf\u00e9", 0)["command"] == "echo caf\u00e9"
         finally:
             pool.close()

@@ -1,55 +1,16 @@
 """A worker process against a recording coordinator (a real gRPC server in the test): its protocol."""
 
 import signal
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from helpers import TEST_HEARTBEAT_S, Service, free_port, wait_for
+from helpers import TEST_HEARTBEAT_S, RecordingCoordinator, Service, free_port, wait_for
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 
 Status = distrack_pb2.TaskStatus
-
-
-class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
-    """Records heartbeats and reports; can refuse the next N reports with UNAVAILABLE."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.heartbeats: list[distrack_pb2.HeartbeatRequest] = []
-        self.reports: list[distrack_pb2.TaskStatusUpdate] = []
-        self.refuse_reports = 0
-        self.refused = 0
-        self.deny_start: set[str] = set()  # tasks whose INPROGRESS is answered "not recorded"
-
-    def Heartbeat(self, request, context):
-        with self.lock:
-            self.heartbeats.append(request)
-        return distrack_pb2.HeartbeatResponse()
-
-    def ReportTasks(self, request, context):
-        # Refused or recorded as a whole, like a coordinator whose database is down or up.
-        with self.lock:
-            if self.refuse_reports > 0:
-                self.refuse_reports -= 1
-                self.refused += 1
-                context.abort(grpc.StatusCode.UNAVAILABLE, "database down (test)")
-            self.reports.extend(request.updates)
-            denied = [u.status == Status.INPROGRESS and u.task_id in self.deny_start for u in request.updates]
-        acks = [distrack_pb2.TaskStatusAck(recorded=not d) for d in denied]
-        return distrack_pb2.TaskStatusAcks(acks=acks)
-
-    def statuses(self, task_id: str) -> list[int]:
-        with self.lock:
-            return [r.status for r in self.reports if r.task_id == task_id]
-
-    def final(self, task_id: str) -> distrack_pb2.TaskStatusUpdate | None:
-        with self.lock:
-            done = [r for r in self.reports if r.task_id == task_id and r.status != Status.INPROGRESS]
-        return done[-1] if done else None
 
 
 @pytest.fixture

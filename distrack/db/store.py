@@ -130,14 +130,15 @@ class TaskStore:
     def insert_tasks(self, tasks: Sequence[TaskSpec]) -> tuple[int, str]:
         """Commits a batch of queued tasks in one statement (one wake-up). Returns how many, and the new
         tasks as the API shows them: a JSON array in the input's order."""
-        row = self._one("insert_tasks", {"tasks": _batch_json(tasks)})
+        batch = json.dumps(
+            [{"id": str(uuid.uuid4()), "command": t.command, "delay_seconds": float(t.delay_seconds),
+              "max_attempts": t.max_attempts, "timeout_seconds": t.timeout_seconds} for t in tasks],
+            # UTF-8 as it is: the database converts it, or refuses what its encoding cannot hold.
+            ensure_ascii=False,
+        )
+        row = self._one("insert_tasks", {"tasks": batch})
         assert row is not None
         return row["count"], row["tasks"]
-
-    def insert_tasks_each(self, tasks: Sequence[TaskSpec]) -> list[str]:
-        """Commits a batch of queued tasks in one statement (one wake-up), as insert_tasks; returns each
-        new task as the API shows it (a JSON object), in the input's order."""
-        return [r["task"] for r in self._all("insert_tasks_each", {"tasks": _batch_json(tasks)})]
 
     def get_task(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         return self._one("get_task", {"id": task_id})
@@ -286,15 +287,6 @@ class TaskStore:
 
     def cancels_pending(self) -> list[tuple[uuid.UUID, str | None]]:
         return [(r["id"], r["worker_id"]) for r in self._all("cancels_pending")]
-
-
-def _batch_json(tasks: Sequence[TaskSpec]) -> str:
-    return json.dumps(
-        [{"id": str(uuid.uuid4()), "command": t.command, "delay_seconds": float(t.delay_seconds),
-          "max_attempts": t.max_attempts, "timeout_seconds": t.timeout_seconds} for t in tasks],
-        # UTF-8 as it is: the database converts it, or refuses what its encoding cannot hold.
-        ensure_ascii=False,
-    )
 
 
 def _fences(attempts: Sequence[Attempt]) -> dict[str, Any]:

@@ -74,14 +74,12 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
 class ScheduleResource:
     def __init__(self, store: TaskStore, max_body_bytes: int) -> None:
         # Concurrent requests share statements and commits (see group_insert).
-        self.inserter = GroupInserter(lambda tasks: store.insert_tasks_each(tasks))
+        self.inserter = GroupInserter(lambda tasks: json.loads(store.insert_tasks(tasks)[1]))
         self.max_body_bytes = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = parse_schedule_request(read_body(req, self.max_body_bytes))
-        # The task comes back from the database already as the API's JSON (see insert_tasks_each).
-        resp.content_type = falcon.MEDIA_JSON
-        resp.text = self.inserter.insert(request)
+        resp.media = self.inserter.insert(request)
 
 
 class BatchResource:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from distrack.errors import DataRejected
 from distrack.tasks import TaskSpec
 
-# The most tasks in one group; insert_tasks_each is fine with many more, but a request should not
+# The most tasks in one group; a statement takes many more, but a request should not
 # wait behind an unbounded crowd.
 MAX_GROUP = 256
 
@@ -26,11 +27,11 @@ class _Pending:
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
-        self.result: str | None = None
+        self.result: Any = None
         self.error: Exception | None = None
         self.done = False
 
-    def outcome(self) -> str:
+    def outcome(self) -> Any:
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -38,17 +39,18 @@ class _Pending:
 
 
 class GroupInserter:
-    """insert(spec) commits one task, in a group with whichever others are waiting, and returns it as
-    the API shows it. `insert_many` commits a list in one statement and returns their JSON in order."""
+    """insert(spec) commits one task, in a group with whichever others are waiting, and returns what
+    `insert_many` returned for it: `insert_many` commits a list in one statement and returns one
+    result per task, in order."""
 
-    def __init__(self, insert_many: Callable[[Sequence[TaskSpec]], list[str]], *, max_group: int = MAX_GROUP) -> None:
+    def __init__(self, insert_many: Callable[[Sequence[TaskSpec]], list[Any]], *, max_group: int = MAX_GROUP) -> None:
         self._insert_many = insert_many
         self._max_group = max_group
         self._changed = threading.Condition()
         self._waiting: list[_Pending] = []
         self._busy = False
 
-    def insert(self, spec: TaskSpec) -> str:
+    def insert(self, spec: TaskSpec) -> Any:
         mine = _Pending(spec)
         with self._changed:
             self._waiting.append(mine)
