@@ -100,8 +100,9 @@ def _add_coordinator_tuning(parser: argparse.ArgumentParser) -> None:
         "ack_timeout_s",
         type=_positive(float),
         default=30.0,
-        help="a task dispatched but not reported started within this many seconds goes back to the "
-        "queue (default %(default)s)",
+        help="a dispatch must reach its worker within half of this many seconds after the claim; a task "
+        "not reported started that its worker's heartbeats, this long after the claim, do not list goes "
+        "back to the queue (default %(default)s)",
     )
     _flag(
         parser,

@@ -151,9 +151,11 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S
-    # How long one SubmitTasks call may take before the dispatcher tries another worker.
+    # How long one SubmitTasks call may take (and never past half of ack_timeout_s after the claim).
     dispatch_timeout_s: float = 5.0
-    # A task picked this long ago that no worker has reported started goes back to the queue.
+    # A dispatch must reach its worker within half of this after the claim; a task picked this long
+    # ago, not reported started, and not listed by a heartbeat of its worker since, goes back to the
+    # queue.
     ack_timeout_s: float = 30.0
     # Testing only (DISTRACK_FAULT_CLAIM_DELAY_S): a pause between a claim's commit and its dispatch,
     # so fault-injection tests can kill the coordinator inside that window.

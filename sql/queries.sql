@@ -4,7 +4,9 @@
 -- Fencing: a dispatch is owned by (worker_id, lease) while the task is picked or running; the lease
 -- grows at every claim and is never reused. Every statement that moves an attempt on names that
 -- owner in its WHERE clause, so a late, repeated or stale dispatch, report or rescue changes nothing.
--- `attempts` counts runs that started (mark_running), so a dispatch that never started costs none.
+-- `attempts` counts runs that started (a start report, or a final report carrying the start), so a
+-- dispatch that never started costs none. Claims commit durably: a worker runs what it is dispatched
+-- at once, so the claim is what must never be lost.
 
 -- insert_task --
 INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)
@@ -79,12 +81,6 @@ claimed AS (
 )
 SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NULL::float8 AS next_due_s
 FROM claimed
--- A claim need not wait for its commit to reach the disk: nothing runs until the start fence
--- (mark_running) commits durably, and that flush covers this earlier commit too. A claim lost in a
--- crash leaves the task queued, and the fence then refuses the start of what was dispatched; if the
--- task is claimed again for the same worker, it gets the same lease number, which that worker takes
--- as the dispatch it already holds (one run, not two).
-WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::float8
@@ -98,8 +94,8 @@ FROM tasks
 WHERE status = 'queued';
 
 -- reassign --
--- The dispatch to a worker failed. It cannot have started there (a start needs mark_running under
--- that worker's name), so the same lease goes to another worker.
+-- The worker refused the dispatch (its answer says it did not take it), so the same lease goes to
+-- another worker.
 UPDATE tasks
 SET worker_id = %(new_worker_id)s
 WHERE id = %(id)s AND status = 'picked' AND lease = %(lease)s AND worker_id = %(worker_id)s
@@ -107,8 +103,8 @@ WHERE id = %(id)s AND status = 'picked' AND lease = %(lease)s AND worker_id = %(
 RETURNING id;
 
 -- unclaim --
--- A dispatch no worker took, or that no worker reported starting: back to the queue as if never
--- claimed, so it costs no attempt (or cancelled, if that was asked meanwhile).
+-- A dispatch no worker took, or one its worker does not hold: back to the queue as if never claimed,
+-- so it costs no attempt (or cancelled, if that was asked meanwhile).
 UPDATE tasks
 SET status       = CASE WHEN cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
     cancelled_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
@@ -118,21 +114,29 @@ WHERE id = %(id)s AND status = 'picked' AND lease = %(lease)s AND worker_id = %(
 RETURNING id;
 
 -- mark_running --
--- The start fence, for a batch of attempts: a worker runs a command only after its id comes back
--- here. Idempotent for the owner (a retried report whose answer was lost), refused to anyone else
--- and once a cancel was asked.
+-- A batch of start reports. The worker started each command as it took the dispatch (the claim, with
+-- its lease, is what lets it run); this records when, on the worker's clock, kept between picked_at
+-- and now so a clock off the database's never puts a start before the claim (and so before
+-- scheduled_at) or in the future. Idempotent for the owner (a retried report whose answer was lost);
+-- refused to anyone else and once a cancel was asked, which stops the run. The commit need not wait
+-- for the disk: a start lost in a crash leaves the task picked by the same worker, which lists it in
+-- its heartbeats and whose final report records the start too.
 UPDATE tasks AS t
 SET status     = 'running',
-    started_at = CASE WHEN t.status = 'picked' THEN now() ELSE t.started_at END,
+    started_at = CASE WHEN t.status = 'picked'
+                      THEN least(greatest(coalesce(to_timestamp(a.started_at), now()), t.picked_at), now())
+                      ELSE t.started_at END,
     attempts   = CASE WHEN t.status = 'picked' THEN t.attempts + 1 ELSE t.attempts END
-FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[]) AS a (id, lease, worker_id)
+FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[], %(started_ats)s::float8[])
+     AS a (id, lease, worker_id, started_at),
+     (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE t.id = a.id AND t.status IN ('picked', 'running') AND t.lease = a.lease AND t.worker_id = a.worker_id
   AND t.cancel_requested_at IS NULL
 RETURNING t.id;
 
 -- cancel_refused_starts --
 -- mark_running refused these because a cancel was asked: that was the owner's start (or its retry,
--- the first answer lost), so nothing of it runs any more and the task is cancelled now.
+-- the first answer lost), which the refusal stops, so the task is cancelled now.
 UPDATE tasks AS t
 SET status = 'cancelled', cancelled_at = now()
 FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[]) AS a (id, lease, worker_id)
@@ -141,41 +145,58 @@ WHERE t.id = a.id AND t.status IN ('picked', 'running') AND t.lease = a.lease AN
 RETURNING t.id;
 
 -- mark_completed --
+-- A task still picked had its start report lost or overtaken: the start is recorded with the end.
 UPDATE tasks AS t
-SET status = 'completed', completed_at = now(), exit_code = a.exit_code, error = NULL
-FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[], %(exit_codes)s::int[])
-     AS a (id, lease, worker_id, exit_code)
-WHERE t.id = a.id AND t.status = 'running' AND t.lease = a.lease AND t.worker_id = a.worker_id
+SET status = 'completed', completed_at = now(), exit_code = a.exit_code, error = NULL,
+    started_at = CASE WHEN t.status = 'picked'
+                      THEN least(greatest(coalesce(to_timestamp(a.started_at), now()), t.picked_at), now())
+                      ELSE t.started_at END,
+    attempts   = CASE WHEN t.status = 'picked' THEN t.attempts + 1 ELSE t.attempts END
+FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[], %(exit_codes)s::int[],
+            %(started_ats)s::float8[]) AS a (id, lease, worker_id, exit_code, started_at)
+WHERE t.id = a.id AND t.status IN ('picked', 'running') AND t.lease = a.lease AND t.worker_id = a.worker_id
 RETURNING t.id;
 
 -- end_attempts --
 -- Ends started attempts that did not succeed (a failed command, a timeout, a lost worker), each
 -- only while it is still that worker's current lease. A cancel asked for makes it 'cancelled';
 -- attempts left make it 'queued' again after an exponential backoff with jitter, capped; otherwise
--- it is 'failed'. FOR UPDATE re-checks the fence after any lock wait.
+-- it is 'failed'. An attempt still picked (its start report lost or overtaken by this one) counts as
+-- started, when the worker says it started (started_at given). FOR UPDATE re-checks the fence after
+-- any lock wait.
 WITH ended AS (
     SELECT *
     FROM unnest(%(ids)s::uuid[], %(leases)s::bigint[], %(worker_ids)s::text[], %(exit_codes)s::int[],
-                %(errors)s::text[]) AS e (id, lease, worker_id, exit_code, error)
+                %(errors)s::text[], %(started_ats)s::float8[]) AS e (id, lease, worker_id, exit_code, error, started_at)
 ),
-outcome AS (
-    SELECT t.id, e.exit_code, e.error,
-           CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                WHEN t.attempts < t.max_attempts THEN 'queued'
-                ELSE 'failed' END AS status,
-           least(%(retry_delay_s)s * 2 ^ least(t.attempts - 1, 30) * (0.75 + random() / 2),
-                 %(max_retry_delay_s)s) AS backoff_s
+current AS (
+    SELECT t.id, e.exit_code, e.error, t.cancel_requested_at, t.max_attempts,
+           t.attempts + (t.status = 'picked')::int AS attempts,
+           CASE WHEN t.status = 'picked'
+                THEN least(greatest(to_timestamp(e.started_at), t.picked_at), now())
+                ELSE t.started_at END AS started_at
     FROM tasks AS t
     JOIN ended AS e ON e.id = t.id
-    WHERE t.status = 'running' AND t.lease = e.lease AND t.worker_id = e.worker_id
+    WHERE t.lease = e.lease AND t.worker_id = e.worker_id
+      AND (t.status = 'running' OR (t.status = 'picked' AND e.started_at IS NOT NULL))
     FOR UPDATE OF t
+),
+outcome AS (
+    SELECT id, exit_code, error, attempts, started_at,
+           CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN attempts < max_attempts THEN 'queued'
+                ELSE 'failed' END AS status,
+           least(%(retry_delay_s)s * 2 ^ least(attempts - 1, 30) * (0.75 + random() / 2),
+                 %(max_retry_delay_s)s) AS backoff_s
+    FROM current
 )
 UPDATE tasks AS t
 SET status       = o.status,
+    attempts     = o.attempts,
     scheduled_at = CASE WHEN o.status = 'queued' THEN now() + make_interval(secs => o.backoff_s)
                         ELSE t.scheduled_at END,
     picked_at    = CASE WHEN o.status = 'queued' THEN NULL ELSE t.picked_at END,
-    started_at   = CASE WHEN o.status = 'queued' THEN NULL ELSE t.started_at END,
+    started_at   = CASE WHEN o.status = 'queued' THEN NULL ELSE o.started_at END,
     failed_at    = CASE WHEN o.status = 'failed' THEN now() END,
     cancelled_at = CASE WHEN o.status = 'cancelled' THEN now() END,
     exit_code    = o.exit_code,
@@ -194,11 +215,16 @@ WHERE t.status IN ('picked', 'running') AND t.worker_id IS NOT NULL
   AND (w.worker_id IS NULL OR w.last_seen_at <= now() - make_interval(secs => %(ttl_s)s));
 
 -- unacknowledged_attempts --
--- Picked, but never reported started within the bound: the dispatch, or the coordinator that made
--- it, was lost.
-SELECT id, lease, worker_id
-FROM tasks
-WHERE status = 'picked' AND picked_at <= now() - make_interval(secs => %(ack_timeout_s)s);
+-- Picked a while ago and never reported started, by a worker that does not hold it: a heartbeat of
+-- that worker, recorded late enough that it was sent after the dispatch's deadline (half the bound
+-- after the claim), does not list it. The dispatch, or the coordinator that made it, was lost. A
+-- worker lists every task it took until its final report is settled, and refuses a dispatch whose
+-- deadline has passed, so a task it may run is never taken back here.
+SELECT t.id, t.lease, t.worker_id
+FROM tasks AS t
+JOIN workers AS w ON w.worker_id = t.worker_id
+WHERE t.status = 'picked' AND w.last_seen_at >= t.picked_at + make_interval(secs => %(ack_timeout_s)s)
+  AND NOT (t.id = ANY (w.unfinished));
 
 -- unlisted_runs --
 -- Running attempts of a live worker that its heartbeat no longer lists. A worker lists every task
@@ -216,10 +242,11 @@ WHERE status IN ('picked', 'running') AND worker_id = %(worker_id)s;
 
 -- upsert_worker --
 -- A heartbeat. `joined` is true when the row is new (xmax is 0 only for a freshly inserted row).
-INSERT INTO workers AS w (worker_id, address, slots, running)
-VALUES (%(worker_id)s, %(address)s, %(slots)s, %(running)s)
+INSERT INTO workers AS w (worker_id, address, slots, running, unfinished)
+VALUES (%(worker_id)s, %(address)s, %(slots)s, %(running)s, %(unfinished)s::uuid[])
 ON CONFLICT (worker_id) DO UPDATE
-SET address = EXCLUDED.address, slots = EXCLUDED.slots, running = EXCLUDED.running, last_seen_at = now()
+SET address = EXCLUDED.address, slots = EXCLUDED.slots, running = EXCLUDED.running,
+    unfinished = EXCLUDED.unfinished, last_seen_at = now()
 RETURNING (xmax = 0) AS joined;
 
 -- runs_to_stop --

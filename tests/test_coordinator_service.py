@@ -1,11 +1,13 @@
 """The coordinator's gRPC handlers, served in-process over a real database and called over a socket."""
 
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from helpers import wait_for
 
 from distrack.config import CoordinatorConfig
 from distrack.coordinator.registry import WorkerRegistry
@@ -211,3 +213,104 @@ def test_stop_handles_the_answers_of_dispatches_under_way_before_returning(store
         assert store.get_task(task_id)["status"] == "queued"
     finally:
         server.stop(0).wait()
+
+
+class AcceptingWorker(distrack_pb2_grpc.WorkerServicer):
+    """A worker that takes every task it is sent (after `delay_s`), recording their ids."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.received: list[str] = []
+        self.answered = threading.Event()
+
+    def SubmitTasks(self, request, context):
+        self.received.extend(t.task_id for t in request.tasks)
+        threading.Event().wait(self.delay_s)
+        self.answered.set()
+        return distrack_pb2.TaskBatchResponse(results=[
+            distrack_pb2.TaskResponse(task_id=t.task_id, accepted=True) for t in request.tasks])
+
+
+@pytest.fixture
+def worker_servers():
+    servers = []
+
+    def serve(servicer: distrack_pb2_grpc.WorkerServicer) -> str:
+        server = grpc.server(ThreadPoolExecutor(2))
+        distrack_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield serve
+    for server in servers:
+        server.stop(0).wait()
+
+
+def dispatcher_for(store: TaskStore, db_url: str, **config):
+    from distrack.coordinator.dispatcher import Dispatcher
+
+    return Dispatcher(store, WorkerRegistry(), CoordinatorConfig(database_url=db_url, **config), threading.Event())
+
+
+def test_a_dispatch_that_may_have_reached_its_worker_stays_with_it_until_a_heartbeat_says_otherwise(
+        store, db_url, worker_servers):
+    # The call times out (the worker answers after its deadline): the worker may have taken the task,
+    # so it must not go to the other one, free as it is, until the slow one's heartbeat shows it does not
+    # hold it.
+    slow, fast = AcceptingWorker(delay_s=1.5), AcceptingWorker()
+    store.record_heartbeat("slow", worker_servers(slow), 1, [])
+    store.record_heartbeat("fast", worker_servers(fast), 1, [])
+    task_id = store.insert_task("echo", 0)["id"]
+    dispatcher = dispatcher_for(store, db_url, ack_timeout_s=1.0)  # calls end 0.5 s after the claim
+    try:
+        dispatcher.run_once()
+        with dispatcher._answers_changed:
+            assert dispatcher._answers_changed.wait_for(lambda: dispatcher._answers_owed == 0, 5)
+        row = store.get_task(task_id)
+        assert (row["status"], row["worker_id"], fast.received) == ("picked", "slow", [])
+        dispatcher._rescue()
+        assert store.get_task(task_id)["status"] == "picked"  # no heartbeat since the claim yet
+        assert slow.answered.wait(5)
+        wait_for(lambda: time.time() - row["picked_at"].timestamp() > 1.05, what="a whole bound after the claim")
+        store.record_heartbeat("slow", "unused:1", 1, [], [str(task_id)])  # it holds it
+        dispatcher._rescue()
+        assert store.get_task(task_id)["status"] == "picked"
+        store.record_heartbeat("slow", "unused:1", 1, [], [])  # it does not
+        dispatcher._rescue()
+        row = store.get_task(task_id)
+        assert (row["status"], row["attempts"], row["worker_id"]) == ("queued", 0, None)
+    finally:
+        dispatcher.stop()
+
+
+def test_a_dispatch_that_never_reached_its_worker_goes_to_another(store, db_url, worker_servers):
+    from helpers import free_port
+
+    other = AcceptingWorker()
+    store.record_heartbeat("gone", f"127.0.0.1:{free_port()}", 1, [])  # nothing listens there
+    store.record_heartbeat("other", worker_servers(other), 1, [])
+    task_id = store.insert_task("echo", 0)["id"]
+    dispatcher = dispatcher_for(store, db_url)
+    try:
+        dispatcher.run_once()
+        wait_for(lambda: other.received == [str(task_id)], what="the task to be passed on")
+        wait_for(lambda: store.get_task(task_id)["worker_id"] == "other", what="the row to name the new worker")
+        assert store.get_task(task_id)["status"] == "picked"
+    finally:
+        dispatcher.stop()
+
+
+def test_a_claim_too_old_to_dispatch_goes_back_to_the_queue_unsent(store, db_url, worker_servers):
+    worker = AcceptingWorker()
+    store.record_heartbeat("w", worker_servers(worker), 1, [])
+    task_id = store.insert_task("echo", 0)["id"]
+    # The pause between claim and dispatch outlasts the dispatch deadline (half of 1 s).
+    dispatcher = dispatcher_for(store, db_url, ack_timeout_s=1.0, fault_claim_delay_s=0.6)
+    try:
+        dispatcher.run_once()
+        row = store.get_task(task_id)
+        assert (row["status"], row["attempts"], worker.received) == ("queued", 0, [])
+    finally:
+        dispatcher.stop()

@@ -1,7 +1,9 @@
 """TaskStore against a real PostgreSQL: claims, fenced reports, retries, rescue, workers, cancel."""
 
 import threading
+import time
 import uuid
+from datetime import timedelta
 
 import pytest
 
@@ -71,9 +73,8 @@ def test_reports_are_fenced_by_lease_and_worker(store):
     assert store.get_task(tid)["attempts"] == 0  # claimed is not started
     assert store.mark_running(Attempt(tid, a.lease + 1, "w1")) is False  # wrong lease
     assert store.mark_running(Attempt(tid, a.lease, "w2")) is False  # wrong worker
-    assert store.mark_completed(a, 0) is False  # not started: nothing to complete
     assert store.mark_running(a) is True
-    assert store.mark_running(a) is True  # the start fence is idempotent for its owner
+    assert store.mark_running(a) is True  # idempotent for its owner
     assert store.get_task(tid)["attempts"] == 1
     assert store.mark_completed(Attempt(tid, a.lease, "w2"), 0) is False
     assert store.mark_completed(a, 0) is True
@@ -91,7 +92,7 @@ def test_leases_are_never_reused(store):
     assert store.unclaim(first) is True
     second = claim_one(store, "w1")
     assert second.lease == first.lease + 1
-    assert store.mark_running(first) is False  # the old dispatch can never start
+    assert store.mark_running(first) is False  # the old dispatch is told to stop
     assert store.mark_running(second) is True
 
 
@@ -180,12 +181,52 @@ def test_attempts_of_a_worker_never_registered_are_orphans_that_had_not_started(
     assert (attempt.task_id, started, silent) == (tid, False, None)
 
 
-def test_unacknowledged_dispatches_are_found(store, sql_conn):
+def test_a_start_is_recorded_at_the_workers_time_kept_between_the_claim_and_now(store, sql_conn):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim_one(store, "w1")
+    picked_at = store.get_task(tid)["picked_at"]
+    assert store.mark_running(a, picked_at.timestamp() + 0.002) is True
+    assert store.get_task(tid)["started_at"] == picked_at + timedelta(milliseconds=2)
+    assert store.mark_running(a, picked_at.timestamp() + 0.5) is True  # a retried report: the first stands
+    assert store.get_task(tid)["started_at"] == picked_at + timedelta(milliseconds=2)
+    for reported in (picked_at.timestamp() - 3600, time.time() + 3600):  # worker clocks far off
+        sql_conn.execute("UPDATE tasks SET status = 'picked', started_at = NULL, attempts = 0 WHERE id = %s", (tid,))
+        assert store.mark_running(a, reported) is True
+        row = sql_conn.execute("SELECT started_at, picked_at, scheduled_at, now() AS now FROM tasks WHERE id = %s",
+                               (tid,)).fetchone()
+        assert row["scheduled_at"] <= row["picked_at"] <= row["started_at"] <= row["now"]
+
+
+def test_a_final_report_records_a_start_whose_report_was_lost(store):
+    done, failed, never = (store.insert_task(c, 0, max_attempts=2)["id"] for c in ("a", "b", "c"))
+    attempts = {a.task_id: a for a in (claim_one(store, f"w{i}") for i in range(3))}
+    started_at = time.time()
+    assert store.mark_completed(attempts[done], 0, started_at) is True
+    ended = store.end_attempts([EndedAttempt(attempts[failed], "boom", 1, started_at),
+                                EndedAttempt(attempts[never], "stopped before it began", 143)], 1.0)
+    assert ended == {failed: "queued"}  # the one that never started is not ended: nothing ran
+    row = store.get_task(done)
+    assert (row["status"], row["attempts"]) == ("completed", 1)
+    assert row["picked_at"] <= row["started_at"] <= row["completed_at"]
+    row = store.get_task(failed)
+    assert (row["status"], row["attempts"], row["error"]) == ("queued", 1, "boom")
+    assert (store.get_task(never)["status"], store.get_task(never)["attempts"]) == ("picked", 0)
+
+
+def test_unacknowledged_dispatches_are_those_a_later_heartbeat_does_not_list(store, sql_conn):
     store.insert_task("echo", 0)
-    a = claim_one(store)
+    store.insert_task("echo", 0)
+    store.record_heartbeat("w1", "h:1", 2, [])
+    held, lost = claim_one(store, "w1"), claim_one(store, "w1")
     assert store.unacknowledged_attempts(60) == []
     sql_conn.execute("UPDATE tasks SET picked_at = now() - interval '2 minutes'")
-    assert store.unacknowledged_attempts(60) == [a]
+    # The heartbeat on record may predate the dispatch: it proves nothing yet.
+    sql_conn.execute("UPDATE workers SET last_seen_at = now() - interval '90 seconds'")
+    assert store.unacknowledged_attempts(60) == []
+    store.record_heartbeat("w1", "h:1", 2, [], [str(held.task_id)])  # a bound after the claim
+    assert store.unacknowledged_attempts(60) == [lost]
+    store.record_heartbeat("w1", "h:1", 2, [], [str(held.task_id), str(lost.task_id)])
+    assert store.unacknowledged_attempts(60) == []
 
 
 def test_live_workers_with_the_tasks_each_holds(store):
@@ -295,24 +336,29 @@ def test_a_claim_also_says_when_the_next_unclaimed_task_is_due(store):
     assert claimed == [] and next_due_s <= 0
 
 
-def test_a_claim_commits_without_waiting_for_the_disk_and_leaves_the_session_durable(db_url):
-    """The claim turns synchronous_commit off for its own transaction only: the start fence and every
-    other statement on the same pooled connection still wait for their commit to reach the disk."""
+def test_a_claim_waits_for_the_disk_and_a_start_does_not_and_neither_changes_the_session(db_url):
+    """A worker runs what it is dispatched at once, so the claim must be durable. A start report need
+    not be (a lost one leaves the task picked by the same worker, whose final report records the start
+    too): it turns synchronous_commit off for its own transaction only."""
     pool = make_pool(db_url, max_size=1, name="test")
     try:
         store = TaskStore(pool)
         store.insert_task("echo", 0)
-        [task] = store.claim_due(["w1"])
-        with pool.connection() as conn:  # the one connection the claim ran on
-            assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
-            # Inside one transaction, the claim's setting is visible until it ends.
+        with pool.connection() as conn:  # the one connection every statement runs on
             with conn.transaction():
-                conn.execute("SELECT set_config('synchronous_commit', 'on', false)")
-                store_sql = store._sql["claim_due"]
-                conn.execute("INSERT INTO tasks (id, command, scheduled_at) VALUES (gen_random_uuid(), 'x', now())")
-                assert conn.execute(store_sql, {"worker_ids": ["w2"]}).fetchall()[0]["id"] is not None
+                conn.execute(store._sql["claim_due"], {"worker_ids": ["w1"]}).fetchall()
+                assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
+        assert store.claim_due(["w2"]) == []  # claimed above already
+        with pool.connection() as conn:
+            [row] = conn.execute("SELECT id, lease FROM tasks").fetchall()
+            attempt = Attempt(row["id"], row["lease"], "w1")
+            with conn.transaction():
+                conn.execute(store._sql["mark_running"], {"ids": [attempt.task_id], "leases": [attempt.lease],
+                                                          "worker_ids": ["w1"], "started_ats": [None]}).fetchall()
                 assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "off"
             assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
-        assert store.mark_running(Attempt(task.id, task.lease, "w1"))
+        assert store.mark_completed(attempt, 0)
     finally:
         pool.close()
+
+

@@ -1,6 +1,7 @@
 """A worker process against a recording coordinator (a real gRPC server in the test): its protocol."""
 
 import signal
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +10,7 @@ import pytest
 from helpers import TEST_HEARTBEAT_S, RecordingCoordinator, Service, free_port, wait_for
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.worker.service import START_REFUSED
 
 Status = distrack_pb2.TaskStatus
 
@@ -91,18 +93,50 @@ def test_reports_inprogress_then_completed_with_the_attempt(coordinator, worker)
     assert final.attempt == 4 and final.lease == 7 and final.exit_code == 0 and final.error == ""
 
 
-def test_a_task_whose_start_is_not_recorded_never_runs(coordinator, worker, tmp_path):
-    # The start fence: a stale or duplicate dispatch must not run the command at all.
+def test_a_task_whose_start_is_refused_is_stopped(coordinator, worker, tmp_path):
+    # The claim lets a worker run what it takes at once; a start the coordinator refuses (the task was
+    # cancelled, or is no longer this worker's) stops the run.
     _, stub = worker()
     marker = tmp_path / "ran"
     task_id = str(uuid.uuid4())
     coordinator.deny_start.add(task_id)
-    submit(stub, f"touch {marker}", task_id=task_id)
-    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(task_id), what="the start report")
+    submit(stub, f"sleep 5; touch {marker}", task_id=task_id)
+    final = wait_for(lambda: coordinator.final(task_id), timeout=4, what="the run to be stopped")
+    assert final.status == Status.FAILED and final.error == START_REFUSED
+    assert coordinator.statuses(task_id) == [Status.INPROGRESS, Status.FAILED]
+    assert not marker.exists()
     submit(stub, "echo next")  # the slot came back
-    with pytest.raises(pytest.fail.Exception):
-        wait_for(marker.exists, timeout=1.0)
-    assert coordinator.statuses(task_id) == [Status.INPROGRESS]  # and no final report
+
+
+def test_reports_carry_when_the_command_started(coordinator, worker):
+    _, stub = worker()
+    before = time.time()
+    task_id = submit(stub, "sleep 0.2")
+    final = wait_for(lambda: coordinator.final(task_id), what="the final report")
+    start = next(r for r in coordinator.reports if r.task_id == task_id and r.status == Status.INPROGRESS)
+    assert before <= start.started_at <= time.time() - 0.2
+    assert final.started_at == start.started_at
+
+
+def test_a_dispatch_that_arrives_after_its_deadline_never_runs(coordinator, worker, tmp_path):
+    # The coordinator's rescue counts on it: a claim whose dispatch timed out is taken back once the
+    # worker's heartbeats do not list it, so a late arrival must not start anything.
+    service, stub = worker()
+    marker = tmp_path / "ran"
+    task_id = str(uuid.uuid4())
+    service.signal(signal.SIGSTOP)  # the request waits in the socket until the deadline has passed
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitTask(distrack_pb2.TaskRequest(task_id=task_id, command=f"touch {marker}", attempt=1, lease=1),
+                            timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        service.signal(signal.SIGCONT)
+    heartbeats = len(coordinator.heartbeats)
+    wait_for(lambda: len(coordinator.heartbeats) >= heartbeats + 2, what="two heartbeats after the resume")
+    assert all(task_id not in h.unfinished_task_ids for h in coordinator.heartbeats)
+    assert coordinator.statuses(task_id) == [] and not marker.exists()
+    submit(stub, "echo next")  # and the slot is free
 
 
 def test_a_dispatch_of_a_running_task_with_another_lease_is_refused(coordinator, worker):

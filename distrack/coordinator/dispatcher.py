@@ -14,6 +14,14 @@ Each step:
 3. asks workers to stop cancelled tasks;
 4. reserves free slots round-robin, claims that many due tasks in one short transaction that names
    each task's worker, and dispatches them after it has committed: one SubmitTasks call per worker.
+
+A worker starts what it takes at once: the committed claim (worker and lease) is what lets it run.
+So a task moves to another worker only on an answer that says the first did not take it (a refusal,
+or a call that never reached it). After a call that may have reached the worker (a timeout, a
+connection lost mid-call) the task stays that worker's: it runs there, or the worker's heartbeats
+show it does not hold it and the rescue puts it back in the queue. Every dispatch must reach its
+worker within half the acknowledgement bound of its claim (its call deadline, which the worker
+checks), so a heartbeat recorded a whole bound after the claim shows all a worker can ever take.
 """
 
 from __future__ import annotations
@@ -44,6 +52,13 @@ DB_RETRY_MAX_S = 2.0
 # The ordinary ways a worker says no (full, leaving or unreachable, running an older dispatch of
 # the task); other failures are logged louder.
 REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS}
+# Call failures that show the worker's handler never ran: the tasks can go to another worker. (gRPC
+# cannot say whether an UNAVAILABLE call was sent, except when no connection could be made.)
+NEVER_REACHED_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                       grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+NOT_CONNECTED_DETAILS = "failed to connect to all addresses"
+# A dispatch is not started with less time than this left before its deadline.
+MIN_DISPATCH_S = 0.05
 DISPATCH_THREADS = 16
 # A new task due this long after the loop's planned wake-up is left to that wake-up (which looks up
 # the next due time) rather than waking the loop now. The margin covers a coordinator clock behind
@@ -54,7 +69,7 @@ CANCEL_TIMEOUT_S = 5.0
 STOP_ANSWERS_MARGIN_S = 5.0
 
 WORKER_LOST_ERROR = "worker {worker_id} was lost (no heartbeat for {silent})"
-UNACKNOWLEDGED_ERROR = "dispatched to worker {worker_id} but not acknowledged within {ack_timeout_s:g} s"
+UNACKNOWLEDGED_ERROR = "dispatched to worker {worker_id}, which does not hold it {ack_timeout_s:g} s later"
 
 
 class WorkerClients:
@@ -301,8 +316,10 @@ class Dispatcher:
     # --- claim and dispatch
 
     def _claim(self, reservations: list[WorkerInfo]) -> tuple[list[ClaimedTask], float | None]:
-        """Claims a task for each reservation and hands them to the call pool; returns them with the
-        seconds until the next unclaimed task is due."""
+        """Claims a task for each reservation and dispatches them; returns them with the seconds until
+        the next unclaimed task is due."""
+        # Taken before the claim's transaction starts, so it is no later than picked_at.
+        deadline = time.monotonic() + self.config.ack_timeout_s / 2
         try:
             claimed, next_due_s = self.store.claim([w.worker_id for w in reservations])
         except BaseException:
@@ -324,7 +341,7 @@ class Dispatcher:
             self.registry.confirm(task.worker_id, str(task.id))
             batches.setdefault(task.worker_id, []).append(task)
         for worker_id, tasks in batches.items():
-            self._dispatch(tasks, by_id[worker_id])
+            self._dispatch(tasks, by_id[worker_id], deadline)
         for worker_id, count in unused.items():
             if count:
                 self.registry.unreserve(worker_id, count)
@@ -334,32 +351,42 @@ class Dispatcher:
         future: Future = self._pool.submit(fn, *args)
         future.add_done_callback(_log_failure)
 
-    def _dispatch(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> None:
+    def _call_timeout(self, deadline: float) -> float | None:
+        """The timeout of a dispatch call made now, or None when too little time is left for one."""
+        timeout = min(self.config.dispatch_timeout_s, deadline - time.monotonic())
+        return timeout if timeout >= MIN_DISPATCH_S else None
+
+    def _dispatch(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float) -> None:
         """Starts one SubmitTasks call and returns without waiting for it: the loop goes on, and the
         answer is handled on the call pool (_dispatched), where each task the worker did not take is
         passed on (_pass_on). No thread hand-off stands between a claim and its call."""
-        if self._stop.is_set():
+        timeout = self._call_timeout(deadline)
+        if self._stop.is_set() or timeout is None:
+            if timeout is None:
+                log.warning("%d claimed task(s) not dispatched in time; back in the queue", len(tasks))
             for task in tasks:
                 self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
             return
         with self._answers_changed:
             self._answers_owed += 1
         try:
-            call = self.clients.stub(worker).SubmitTasks.future(_batch(tasks), timeout=self.config.dispatch_timeout_s)
+            call = self.clients.stub(worker).SubmitTasks.future(_batch(tasks), timeout=timeout)
         except Exception as exc:  # ValueError: its channel was just closed
-            self._hand_over(tasks, worker, exc)
+            self._hand_over(tasks, worker, deadline, exc)
             return
-        call.add_done_callback(lambda done: self._hand_over(tasks, worker, done))
+        call.add_done_callback(lambda done: self._hand_over(tasks, worker, deadline, done))
 
-    def _hand_over(self, tasks: list[ClaimedTask], worker: WorkerInfo, outcome: grpc.Future | Exception) -> None:
+    def _hand_over(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float,
+                   outcome: grpc.Future | Exception) -> None:
         """Called on gRPC's thread, which must not block: the answer goes to the call pool. (stop()
         waits for every answer before shutting the pool down; if it gave up waiting, here it is.)"""
         try:
-            self._submit_call(self._dispatched, tasks, worker, outcome)
+            self._submit_call(self._dispatched, tasks, worker, deadline, outcome)
         except RuntimeError:
-            self._dispatched(tasks, worker, outcome)
+            self._dispatched(tasks, worker, deadline, outcome)
 
-    def _dispatched(self, tasks: list[ClaimedTask], worker: WorkerInfo, outcome: grpc.Future | Exception) -> None:
+    def _dispatched(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float,
+                    outcome: grpc.Future | Exception) -> None:
         try:
             # A gRPC call future is an RpcError too: ask whether it is a future first.
             if isinstance(outcome, grpc.Future):
@@ -370,32 +397,35 @@ class Dispatcher:
             else:
                 not_taken = self._failed_call(tasks, worker, outcome)
             for task, why in not_taken:
-                self._pass_on(task, worker, why)
+                self._pass_on(task, worker, why, deadline)
         finally:
             with self._answers_changed:
                 self._answers_owed -= 1
                 self._answers_changed.notify_all()
 
-    def _send(self, tasks: list[ClaimedTask], worker: WorkerInfo) -> list[tuple[ClaimedTask, str]]:
+    def _send(self, tasks: list[ClaimedTask], worker: WorkerInfo, timeout: float) -> list[tuple[ClaimedTask, str]]:
         """One SubmitTasks call, waited for; returns the tasks the worker did not take, each with why."""
         if self._stop.is_set():
             return [(task, "stopping") for task in tasks]
         try:
-            reply = self.clients.stub(worker).SubmitTasks(_batch(tasks), timeout=self.config.dispatch_timeout_s)
+            reply = self.clients.stub(worker).SubmitTasks(_batch(tasks), timeout=timeout)
         except (grpc.RpcError, ValueError) as exc:  # ValueError: its channel was just closed
             return self._failed_call(tasks, worker, exc)
         return self._not_taken(tasks, worker, reply)
 
     def _failed_call(self, tasks: list[ClaimedTask], worker: WorkerInfo, exc: Exception
                      ) -> list[tuple[ClaimedTask, str]]:
-        # Whatever the failure, no task of the call can run there: a start needs the coordinator
-        # to record it under this worker's name and lease (the start fence), and passing a task on
-        # takes that name off the row. If the worker did accept one, its start is refused.
-        refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
-        log.log(logging.INFO if refused else logging.WARNING, "worker %s refused a dispatch of %d task(s) (%s)",
-                worker.worker_id, len(tasks), _describe(exc))
+        """The tasks of a failed call that may go to another worker: all of them when the call never
+        reached this one, else none (they stay its own; see the module docstring)."""
         self.registry.mark_refusing(worker.worker_id)
-        return [(task, _describe(exc)) for task in tasks]
+        if _never_reached(exc):
+            refused = isinstance(exc, grpc.RpcError) and exc.code() in REFUSED_CODES
+            log.log(logging.INFO if refused else logging.WARNING, "worker %s refused a dispatch of %d task(s) (%s)",
+                    worker.worker_id, len(tasks), _describe(exc))
+            return [(task, _describe(exc)) for task in tasks]
+        log.warning("dispatch of %d task(s) to worker %s ended with %s; they stay with it until its heartbeats "
+                    "show whether it took them", len(tasks), worker.worker_id, _describe(exc))
+        return []
 
     def _not_taken(self, tasks: list[ClaimedTask], worker: WorkerInfo, reply: distrack_pb2.TaskBatchResponse
                    ) -> list[tuple[ClaimedTask, str]]:
@@ -415,15 +445,16 @@ class Dispatcher:
             self.dispatch_calls += 1
         return not_taken
 
-    def _pass_on(self, task: ClaimedTask, worker: WorkerInfo, why: str) -> None:
-        """Passes the same lease to the next worker with a free slot, until one takes the task or none
-        is left (then it goes back to the queue)."""
+    def _pass_on(self, task: ClaimedTask, worker: WorkerInfo, why: str, deadline: float) -> None:
+        """Passes the same lease to the next worker with a free slot, until one takes the task, none is
+        left or the claim's dispatch deadline is near (then it goes back to the queue)."""
         tried: set[str] = set()
         while True:
             attempt = Attempt(task.id, task.lease, worker.worker_id)
             self.registry.release(worker.worker_id, str(task.id))
             tried.add(worker.worker_id)
-            picks = [] if self._stop.is_set() else self.registry.reserve(1, exclude=tried)
+            late = self._call_timeout(deadline) is None
+            picks = [] if self._stop.is_set() or late else self.registry.reserve(1, exclude=tried)
             if not picks:
                 self._return_to_queue(attempt, release=False)
                 return
@@ -441,7 +472,11 @@ class Dispatcher:
             log.info("passed %s on from %s (%s) to %s", task.id, worker.worker_id, why, next_worker.worker_id)
             self.registry.confirm(next_worker.worker_id, str(task.id))
             worker = next_worker
-            not_taken = self._send([task], worker)
+            timeout = self._call_timeout(deadline)
+            if timeout is None:
+                self._return_to_queue(Attempt(task.id, task.lease, worker.worker_id))
+                return
+            not_taken = self._send([task], worker, timeout)
             if not not_taken:
                 return
             why = not_taken[0][1]
@@ -462,6 +497,16 @@ def _batch(tasks: list[ClaimedTask]) -> distrack_pb2.TaskBatch:
                                  timeout_seconds=t.timeout_seconds or 0.0)
         for t in tasks
     ])
+
+
+def _never_reached(exc: Exception) -> bool:
+    """Whether a failed dispatch call certainly never ran the worker's handler."""
+    if not isinstance(exc, grpc.RpcError):
+        return True  # ValueError: the channel was closed before the call
+    code = exc.code()
+    if code in NEVER_REACHED_CODES:
+        return True
+    return code == grpc.StatusCode.UNAVAILABLE and NOT_CONNECTED_DETAILS in (exc.details() or "").lower()
 
 
 def _describe(exc: Exception) -> str:

@@ -49,7 +49,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids and unfinished_task_ids must be UUIDs")
         stop: list[str] = []
         try:
-            if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):
+            if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids,
+                                           listed):
                 log.info("worker %s joined at %s with %d slot(s)", request.worker_id, request.address, request.slots)
             stop = self.store.runs_to_stop(request.worker_id, request.unfinished_task_ids)
             self._end_unlisted_runs(request)
@@ -105,8 +106,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         """Records a batch of reports in at most four statements (starts, cancelled starts, successes,
         other ends); a malformed report is answered with its error and the rest still recorded."""
         acks: list[distrack_pb2.TaskStatusAck | None] = [None] * len(updates)
-        starts: list[tuple[int, Attempt]] = []
-        completions: list[tuple[int, Attempt, int]] = []
+        starts: list[tuple[int, Attempt, float | None]] = []
+        completions: list[tuple[int, Attempt, int, float | None]] = []
         failures: list[tuple[int, EndedAttempt]] = []
         for index, update in enumerate(updates):
             problem = _report_problem(update)
@@ -114,18 +115,19 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                 acks[index] = distrack_pb2.TaskStatusAck(error=problem)
                 continue
             attempt = Attempt(uuid.UUID(update.task_id), update.lease, update.worker_id)
+            started_at = update.started_at or None  # 0: the worker did not say (it never started it)
             if update.status == Status.INPROGRESS:
-                starts.append((index, attempt))
+                starts.append((index, attempt, started_at))
                 continue
             # The worker freed the slot before reporting; free it here even if the write below must
             # be retried, so the capacity shows at once.
             self.registry.release(update.worker_id, update.task_id)
             if update.status == Status.COMPLETED:
-                completions.append((index, attempt, update.exit_code))
+                completions.append((index, attempt, update.exit_code, started_at))
             else:
                 # Postgres text cannot hold NUL; the rest of the message is kept as the worker wrote it.
                 error = (update.error or f"exited with code {update.exit_code}").replace("\x00", "")
-                failures.append((index, EndedAttempt(attempt, error, update.exit_code)))
+                failures.append((index, EndedAttempt(attempt, error, update.exit_code, started_at)))
         if completions or failures:
             self.wakeup.set()
         try:
@@ -142,21 +144,23 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                              Status.Name(update.status), update.task_id, update.lease, update.worker_id)
         return acks  # type: ignore[return-value]
 
-    def _record(self, starts: list[tuple[int, Attempt]], completions: list[tuple[int, Attempt, int]],
+    def _record(self, starts: list[tuple[int, Attempt, float | None]],
+                completions: list[tuple[int, Attempt, int, float | None]],
                 failures: list[tuple[int, EndedAttempt]]) -> set[int]:
-        """The indexes of the reports recorded."""
+        """The indexes of the reports recorded. Starts go first: a batch may hold a task's start and
+        its end."""
         recorded: set[int] = set()
         if starts:
-            running = self.store.mark_running_many([a for _, a in starts])
-            recorded.update(i for i, a in starts if a.task_id in running)
+            running = self.store.mark_running_many([(a, at) for _, a, at in starts])
+            recorded.update(i for i, a, _ in starts if a.task_id in running)
             # A start refused because of a cancel (or the retry of one whose answer was lost) ends
-            # here: cancelled now, rather than left picked or running with nothing behind it.
-            refused = [a for _, a in starts if a.task_id not in running]
+            # here: cancelled now (the refusal stops the run), rather than left picked or running.
+            refused = [a for _, a, _ in starts if a.task_id not in running]
             for task_id in self.store.cancel_refused_starts(refused):
-                log.info("task %s cancelled before its start", task_id)
+                log.info("task %s cancelled as it started", task_id)
         if completions:
-            done = self.store.mark_completed_many([(a, code) for _, a, code in completions])
-            recorded.update(i for i, a, _ in completions if a.task_id in done)
+            done = self.store.mark_completed_many([(a, code, at) for _, a, code, at in completions])
+            recorded.update(i for i, a, _, _ in completions if a.task_id in done)
         if failures:
             ended = self.store.end_attempts([e for _, e in failures], self.config.retry_delay_s)
             recorded.update(i for i, e in failures if e.attempt.task_id in ended)

@@ -55,6 +55,9 @@ class EndedAttempt:
     attempt: Attempt
     error: str
     exit_code: int | None = None
+    # When the worker started it (Unix seconds, the worker's clock): lets the end also record a start
+    # whose report was lost or overtaken. None for ends the coordinator decides (a lost worker).
+    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -191,15 +194,17 @@ class TaskStore:
     def unclaim(self, attempt: Attempt) -> bool:
         return self._one("unclaim", _fence(attempt)) is not None
 
-    def mark_running(self, attempt: Attempt) -> bool:
-        """The start fence: True when the worker may (still) run it."""
-        return attempt.task_id in self.mark_running_many([attempt])
+    def mark_running(self, attempt: Attempt, started_at: float | None = None) -> bool:
+        """Records a start (at `started_at`, Unix seconds, else now): True when the worker may (still)
+        run it; False tells it to stop."""
+        return attempt.task_id in self.mark_running_many([(attempt, started_at)])
 
-    def mark_running_many(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
-        """The start fence for a batch, in one statement: the ids whose worker may (still) run them."""
-        if not attempts:
+    def mark_running_many(self, starts: Sequence[tuple[Attempt, float | None]]) -> set[uuid.UUID]:
+        """mark_running for a batch, in one statement: the ids whose worker may (still) run them."""
+        if not starts:
             return set()
-        return {r["id"] for r in self._all("mark_running", _fences(attempts))}
+        params = {**_fences([a for a, _ in starts]), "started_ats": [at for _, at in starts]}
+        return {r["id"] for r in self._all("mark_running", params)}
 
     def cancel_refused_starts(self, attempts: Sequence[Attempt]) -> set[uuid.UUID]:
         """After mark_running refused the owners because of a cancel: cancels those tasks now."""
@@ -207,14 +212,16 @@ class TaskStore:
             return set()
         return {r["id"] for r in self._all("cancel_refused_starts", _fences(attempts))}
 
-    def mark_completed(self, attempt: Attempt, exit_code: int) -> bool:
-        return attempt.task_id in self.mark_completed_many([(attempt, exit_code)])
+    def mark_completed(self, attempt: Attempt, exit_code: int, started_at: float | None = None) -> bool:
+        return attempt.task_id in self.mark_completed_many([(attempt, exit_code, started_at)])
 
-    def mark_completed_many(self, completed: Sequence[tuple[Attempt, int]]) -> set[uuid.UUID]:
-        """Records successful ends in one statement; the ids still current (the others were stale)."""
+    def mark_completed_many(self, completed: Sequence[tuple[Attempt, int, float | None]]) -> set[uuid.UUID]:
+        """Records successful ends in one statement (and the start of any still picked, at its
+        started_at); the ids still current (the others were stale)."""
         if not completed:
             return set()
-        params = {**_fences([a for a, _ in completed]), "exit_codes": [code for _, code in completed]}
+        params = {**_fences([a for a, _, _ in completed]), "exit_codes": [code for _, code, _ in completed],
+                  "started_ats": [at for _, _, at in completed]}
         return {r["id"] for r in self._all("mark_completed", params)}
 
     def end_attempts(self, ended: Sequence[EndedAttempt], retry_delay_s: float) -> dict[uuid.UUID, str]:
@@ -229,6 +236,7 @@ class TaskStore:
                 "worker_ids": [e.attempt.worker_id for e in ended],
                 "exit_codes": [e.exit_code for e in ended],
                 "errors": [e.error for e in ended],
+                "started_ats": [e.started_at for e in ended],
                 "retry_delay_s": retry_delay_s,
                 "max_retry_delay_s": self.max_retry_delay_s,
             },
@@ -245,6 +253,7 @@ class TaskStore:
                 for r in rows]
 
     def unacknowledged_attempts(self, ack_timeout_s: float) -> list[Attempt]:
+        """Picked attempts their worker's heartbeat shows it does not hold (see queries.sql)."""
         rows = self._all("unacknowledged_attempts", {"ack_timeout_s": ack_timeout_s})
         return [Attempt(r["id"], r["lease"], r["worker_id"]) for r in rows]
 
@@ -259,10 +268,11 @@ class TaskStore:
 
     # --- the coordinator's side: the shared worker registry
 
-    def record_heartbeat(self, worker_id: str, address: str, slots: int, running: Sequence[str]) -> bool:
-        """Upserts the worker's row; True when it is new."""
+    def record_heartbeat(self, worker_id: str, address: str, slots: int, running: Sequence[str],
+                         unfinished: Sequence[str] = ()) -> bool:
+        """Upserts the worker's row (with the tasks it holds: `unfinished`, UUIDs); True when it is new."""
         row = self._one("upsert_worker", {"worker_id": worker_id, "address": address, "slots": slots,
-                                          "running": len(running)})
+                                          "running": len(running), "unfinished": list(unfinished)})
         return bool(row and row["joined"])
 
     def runs_to_stop(self, worker_id: str, running: Sequence[str]) -> list[str]:

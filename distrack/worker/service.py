@@ -1,19 +1,22 @@
 """WorkerService: takes tasks from the coordinator while it has free slots and runs them.
 
-Each accepted task runs on a thread of a pool as large as the slots. Its start report (INPROGRESS) is
-queued as the task is accepted, so a batch dispatched together starts with one report; the command is
-spawned only once the coordinator has recorded that start (the start fence: a stale or duplicate
-dispatch never runs anything). When it ends, the slot is freed and the final report (COMPLETED or
-FAILED) queued; the task stays "unfinished" until that report is settled. The slot is freed before the
-final report so the coordinator, which frees it on that report, never sees a slot it cannot use. A run
-is stopped early when it is cancelled, when a heartbeat says this worker no longer owns it, or when the
-worker shuts down; its final report still goes out and ends the attempt.
+Each accepted task runs on a thread of a pool as large as the slots, and starts at once: the
+coordinator's committed claim (this worker, this lease) is what lets it run, and a dispatch is taken
+only before its call's deadline, which the coordinator's rescue counts on (see the dispatcher). The
+start report (INPROGRESS) then says when it started; if the coordinator refuses it (the attempt is no
+longer this worker's, or was cancelled), the run is stopped. When it ends, the slot is freed and the
+final report (COMPLETED or FAILED, with the start time too, in case the start report was lost) queued;
+the task stays "unfinished", and listed in heartbeats, until that report is settled. The slot is freed
+before the final report so the coordinator, which frees it on that report, never sees a slot it cannot
+use. A run is stopped early when it is cancelled, when a heartbeat says this worker no longer owns it,
+or when the worker shuts down; its final report still goes out and ends the attempt.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,12 +35,14 @@ Status = distrack_pb2.TaskStatus
 Refusal = distrack_pb2.Refusal
 NOT_OWNER = "stopped: the coordinator no longer assigns this attempt to this worker"
 SHUTDOWN = "stopped: the worker shut down before the task finished"
+START_REFUSED = "stopped: the coordinator did not record its start (cancelled, or no longer this worker's)"
 # The status a single SubmitTask call fails with, for each reason a task is refused.
 REFUSAL_CODES = {
     Refusal.FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Refusal.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
     Refusal.OLDER_DISPATCH: grpc.StatusCode.ALREADY_EXISTS,
     Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -46,6 +51,7 @@ class Run:
     attempt: int
     lease: int
     command: CommandRun
+    started_at: float = 0.0  # Unix seconds, set as the command is spawned
 
 
 class WorkerService(distrack_pb2_grpc.WorkerServicer):
@@ -88,20 +94,24 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
     # --- gRPC
 
     def SubmitTasks(self, request: distrack_pb2.TaskBatch, context: grpc.ServicerContext):
-        return distrack_pb2.TaskBatchResponse(results=self._accept(request.tasks))
+        return distrack_pb2.TaskBatchResponse(results=self._accept(request.tasks, _expired(context)))
 
     def SubmitTask(self, request: distrack_pb2.TaskRequest, context: grpc.ServicerContext):
-        result = self._accept([request])[0]
+        result = self._accept([request], _expired(context))[0]
         if not result.accepted:
             context.abort(REFUSAL_CODES[result.refusal], result.message)
         return result
 
-    def _accept(self, requests) -> list[distrack_pb2.TaskResponse]:  # noqa: ANN001 - a repeated TaskRequest
-        """Takes each task it has a slot for, then queues the start reports of all it took at once."""
+    def _accept(self, requests, expired: bool = False) -> list[distrack_pb2.TaskResponse]:  # noqa: ANN001 - a repeated TaskRequest
+        """Takes each task it has a slot for (none once the call's deadline has passed) and starts it."""
         results: list[distrack_pb2.TaskResponse] = []
         accepted: list[tuple[str, Run]] = []
         with self._lock:
             for request in requests:
+                if expired:
+                    results.append(distrack_pb2.TaskResponse(
+                        task_id=request.task_id, refusal=Refusal.EXPIRED, message="the dispatch arrived too late"))
+                    continue
                 task_id, refusal, message = self._admit(request)
                 if refusal == Refusal.REFUSAL_UNSPECIFIED and message is None:
                     run = Run(request.attempt, request.lease, self._command_run(task_id, request))
@@ -111,10 +121,8 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                 results.append(distrack_pb2.TaskResponse(
                     task_id=request.task_id, accepted=refusal == Refusal.REFUSAL_UNSPECIFIED, refusal=refusal,
                     message=message or ""))
-        if accepted:
-            starts = self.reports.submit([self._update(task_id, run, Status.INPROGRESS) for task_id, run in accepted])
-            for (task_id, run), start in zip(accepted, starts, strict=True):
-                self._threads.submit(self._run, task_id, run, start)
+        for task_id, run in accepted:
+            self._threads.submit(self._run, task_id, run)
         return results
 
     def _admit(self, request: distrack_pb2.TaskRequest) -> tuple[str, int, str | None]:
@@ -182,19 +190,20 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             self.task_env.for_task(task_id, request.attempt, self.worker_id),
         )
 
-    def _run(self, task_id: str, run: Run, start: Future) -> None:
+    def _run(self, task_id: str, run: Run) -> None:
         outcome: Outcome | None = None
         try:
-            if not self._settled(task_id, Status.INPROGRESS, start.result()):
-                # Not this worker's to run (stale, cancelled, or the coordinator stayed unreachable
-                # until shutdown): nothing started, so there is nothing to report either.
-                log.info("not starting %s: the coordinator did not record its start", task_id)
-                return
+            run.started_at = time.time()
             try:
                 run.command.start()
             except OSError as exc:
                 outcome = Outcome(127, f"could not start the command: {exc}")
             else:
+                if run.command.child is None:  # stopped before it began: no start to report
+                    run.started_at = 0.0
+                else:
+                    start = self.reports.submit([self._update(task_id, run, Status.INPROGRESS)])[0]
+                    start.add_done_callback(lambda f: self._start_settled(task_id, run, f))
                 outcome = run.command.wait()
         except Exception as exc:  # a started task must always free its slot and report
             log.exception("task %s crashed the worker's runner", task_id)
@@ -213,6 +222,18 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                     self._finished(task_id)
                 else:
                     final.add_done_callback(lambda f: self._final_settled(task_id, status, f))
+
+    def _start_settled(self, task_id: str, run: Run, report: Future) -> None:
+        """A refused start means the run is not (or no longer) this worker's: it is stopped. A start
+        not delivered is not: the final report records the start too."""
+        if report.exception() is None and report.result() is False:
+            with self._lock:
+                running = self._runs.get(task_id) is run
+            if running:
+                log.info("coordinator refused the start of %s; stopping it", task_id)
+                run.command.stop(START_REFUSED)
+        elif report.exception() is None and report.result() is None:
+            log.error("gave up reporting the start of %s", task_id)
 
     def _final_settled(self, task_id: str, status: int, report: Future) -> None:
         try:
@@ -236,6 +257,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             exit_code=outcome.exit_code if outcome else 0,
             error=(outcome.error or "") if outcome else "",
             cancelled=outcome.cancelled if outcome else False,
+            started_at=run.started_at,
         )
 
     @staticmethod
@@ -246,3 +268,9 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         elif not recorded:
             log.info("coordinator refused %s for %s (its lease is not current)", Status.Name(status), task_id)
         return bool(recorded)
+
+
+def _expired(context: grpc.ServicerContext) -> bool:
+    """Whether the call's deadline has passed: the caller counts on nothing being taken after it."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
