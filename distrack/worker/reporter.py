@@ -8,7 +8,8 @@ backoff (tenacity) for as long as the worker runs, so an outage loses no report.
 
 Reports go in batches: one thread sends whatever is queued in one ReportTasks call, so a burst of
 starts or ends costs one call and one write per kind instead of one each; a report queued while a
-call is under way goes with the next one.
+call is under way goes with the next one. A final report queued while the same attempt's start report
+still waits takes its place: the final one carries the start time, and is recorded as start and end.
 """
 
 from __future__ import annotations
@@ -132,18 +133,24 @@ class CoordinatorClient:
             channel.close()
 
 
+Entry = tuple[distrack_pb2.TaskStatusUpdate, Future]
+
+
 class ReportBatcher:
     """Queues status reports and sends them in batches from one thread.
 
     `submit` returns a Future per report: True when recorded, False when refused as stale, None when it
-    could not be delivered (the coordinator stayed away until the worker stopped, or refused it).
+    could not be delivered (the coordinator stayed away until the worker stopped, or refused it). A start
+    report overtaken by its final report (see the module docstring) gets the final report's answer.
     """
 
     def __init__(self, client: CoordinatorClient, *, max_batch: int = 1000) -> None:
         self.client = client
         self.max_batch = max_batch
         self._cond = threading.Condition()
-        self._queue: list[tuple[distrack_pb2.TaskStatusUpdate, Future]] = []
+        self._queue: list[Entry] = []
+        # Start reports still queued, by (task id, lease): a final report may take their place.
+        self._unsent_starts: dict[tuple[str, int], Entry] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="reports", daemon=True)
         self.sent = 0  # reports and the calls they took, logged at shutdown
@@ -158,7 +165,15 @@ class ReportBatcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the report queue is closed")
-            self._queue.extend(zip(updates, futures, strict=True))
+            for entry in zip(updates, futures, strict=True):
+                update = entry[0]
+                key = (update.task_id, update.lease)
+                if update.status == distrack_pb2.INPROGRESS:
+                    self._unsent_starts[key] = entry
+                elif (start := self._unsent_starts.pop(key, None)) is not None:
+                    self._queue.remove(start)
+                    entry[1].add_done_callback(lambda final, start=start[1]: _pass_result(final, start))
+                self._queue.append(entry)
             self._cond.notify()
         return futures
 
@@ -170,6 +185,7 @@ class ReportBatcher:
         self._thread.join(timeout_s)
         with self._cond:
             left, self._queue = self._queue, []
+            self._unsent_starts.clear()
         for _, future in left:
             future.set_result(None)
 
@@ -183,6 +199,9 @@ class ReportBatcher:
                 if self._closed:
                     return
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                for update, _ in batch:
+                    if update.status == distrack_pb2.INPROGRESS:
+                        self._unsent_starts.pop((update.task_id, update.lease), None)
             self._send(batch)
             last_call = time.monotonic()
 
@@ -205,3 +224,10 @@ class ReportBatcher:
             if ack.error:
                 log.error("coordinator rejected the report for %s: %s", update.task_id, ack.error)
             future.set_result(None if ack.error else ack.recorded)
+
+
+def _pass_result(source: Future, target: Future) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())

@@ -1,0 +1,100 @@
+"""ReportBatcher against a real gRPC coordinator in the test: batching, and final reports that take the
+place of start reports still waiting."""
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from helpers import RecordingCoordinator, wait_for
+
+from distrack.rpc import distrack_pb2, distrack_pb2_grpc
+from distrack.worker.reporter import CoordinatorClient, ReportBatcher
+
+Status = distrack_pb2.TaskStatus
+
+
+class GatedCoordinator(RecordingCoordinator):
+    """Holds each ReportTasks call until `gate` is set, so reports queue up behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.calls_seen = 0
+
+    def ReportTasks(self, request, context):
+        with self.lock:
+            self.calls_seen += 1
+        self.gate.wait(10)
+        return super().ReportTasks(request, context)
+
+
+@pytest.fixture
+def gated():
+    servicer = GatedCoordinator()
+    server = grpc.server(ThreadPoolExecutor(4))
+    distrack_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+    client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
+    batcher = ReportBatcher(client).start()
+    yield servicer, batcher
+    servicer.gate.set()
+    stop.set()
+    batcher.close(5)
+    client.close()
+    server.stop(0).wait()
+
+
+def update(task_id: str, status: int, lease: int = 1, started_at: float = 0.0) -> distrack_pb2.TaskStatusUpdate:
+    return distrack_pb2.TaskStatusUpdate(task_id=task_id, worker_id="w1", status=status, lease=lease, attempt=1,
+                                         started_at=started_at)
+
+
+def sent(coordinator: RecordingCoordinator) -> list[tuple[str, int]]:
+    with coordinator.lock:
+        return [(u.task_id, u.status) for u in coordinator.reports]
+
+
+def test_a_final_report_takes_the_place_of_its_start_report_still_waiting(gated):
+    coordinator, batcher = gated
+    busy, task, other = (str(uuid.uuid4()) for _ in range(3))
+    [in_flight] = batcher.submit([update(busy, Status.INPROGRESS)])
+    wait_for(lambda: coordinator.calls_seen == 1, what="the first call to be under way")
+    [start] = batcher.submit([update(task, Status.INPROGRESS, lease=3, started_at=100.0)])
+    [other_start] = batcher.submit([update(other, Status.INPROGRESS)])
+    [stale_final] = batcher.submit([update(other, Status.COMPLETED, lease=2)])  # another lease: no match
+    [final] = batcher.submit([update(task, Status.COMPLETED, lease=3, started_at=100.0)])
+    coordinator.gate.set()
+    assert (in_flight.result(5), final.result(5), start.result(5)) == (True, True, True)
+    assert other_start.result(5) is True and stale_final.result(5) is True
+    assert sent(coordinator) == [(busy, Status.INPROGRESS), (other, Status.INPROGRESS), (other, Status.COMPLETED),
+                                 (task, Status.COMPLETED)]
+    assert coordinator.final(task).started_at == 100.0
+
+
+def test_a_start_report_already_sent_is_not_taken_back(gated):
+    coordinator, batcher = gated
+    task = str(uuid.uuid4())
+    [start] = batcher.submit([update(task, Status.INPROGRESS)])
+    wait_for(lambda: coordinator.calls_seen == 1, what="the start report's call")
+    [final] = batcher.submit([update(task, Status.FAILED)])
+    coordinator.gate.set()
+    assert (start.result(5), final.result(5)) == (True, True)
+    assert sent(coordinator) == [(task, Status.INPROGRESS), (task, Status.FAILED)]
+
+
+def test_a_replaced_start_gets_the_answer_of_the_final_report(gated):
+    coordinator, batcher = gated
+    busy, task = str(uuid.uuid4()), str(uuid.uuid4())
+    batcher.submit([update(busy, Status.INPROGRESS)])
+    wait_for(lambda: coordinator.calls_seen == 1, what="the first call to be under way")
+    coordinator.refuse_reports = 1  # the call under way fails (database down) and is retried
+    [start] = batcher.submit([update(task, Status.INPROGRESS)])
+    [final] = batcher.submit([update(task, Status.COMPLETED)])
+    coordinator.gate.set()
+    assert (final.result(10), start.result(10)) == (True, True)
+    assert coordinator.refused == 1
+    assert sent(coordinator)[-1] == (task, Status.COMPLETED)
