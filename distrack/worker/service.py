@@ -121,8 +121,11 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                 results.append(distrack_pb2.TaskResponse(
                     task_id=request.task_id, accepted=refusal == Refusal.REFUSAL_UNSPECIFIED, refusal=refusal,
                     message=message or ""))
-        for task_id, run in accepted:
-            self._threads.submit(self._run, task_id, run)
+        for n, (task_id, run) in enumerate(accepted):
+            # The first one starts on this thread, with no hand-off between its dispatch and its start;
+            # the others start in parallel on their own threads. Each waits on its own thread.
+            start_error = self._start(task_id, run) if n == 0 else None
+            self._threads.submit(self._run, task_id, run, n == 0, start_error)
         return results
 
     def _admit(self, request: distrack_pb2.TaskRequest) -> tuple[str, int, str | None]:
@@ -190,21 +193,36 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             self.task_env.for_task(task_id, request.attempt, self.worker_id),
         )
 
-    def _run(self, task_id: str, run: Run) -> None:
-        outcome: Outcome | None = None
+    def _start(self, task_id: str, run: Run) -> Outcome | None:
+        """Spawns the command (its start time taken just before) and queues the start report; returns
+        the Outcome of a run that could not start, else None. Never raises."""
         try:
             run.started_at = time.time()
             try:
                 run.command.start()
             except OSError as exc:
-                outcome = Outcome(127, f"could not start the command: {exc}")
-            else:
-                if run.command.child is None:  # stopped before it began: no start to report
-                    run.started_at = 0.0
-                else:
-                    start = self.reports.submit([self._update(task_id, run, Status.INPROGRESS)])[0]
-                    start.add_done_callback(lambda f: self._start_settled(task_id, run, f))
-                outcome = run.command.wait()
+                return Outcome(127, f"could not start the command: {exc}")
+            if run.command.child is None:  # stopped before it began: no start to report
+                run.started_at = 0.0
+                return None
+            start = self.reports.submit([self._update(task_id, run, Status.INPROGRESS)])[0]
+            start.add_done_callback(lambda f: self._start_settled(task_id, run, f))
+            return None
+        except Exception as exc:  # the run still frees its slot and reports (see _run)
+            log.exception("task %s could not be started", task_id)
+            return Outcome(1, f"worker error: {exc}")
+
+    def _run(self, task_id: str, run: Run, started: bool = False, start_error: Outcome | None = None) -> None:
+        """Starts the task (unless `started`, with `start_error` as that start's result), waits for it,
+        frees its slot and queues its final report."""
+        outcome: Outcome | None = None
+        try:
+            outcome = start_error if started else self._start(task_id, run)
+            if run.command.child is not None:  # a child to wait for, even after a worker error
+                waited = run.command.wait()
+                outcome = outcome or waited
+            elif outcome is None:
+                outcome = run.command.wait()  # stopped before it began
         except Exception as exc:  # a started task must always free its slot and report
             log.exception("task %s crashed the worker's runner", task_id)
             outcome = Outcome(1, f"worker error: {exc}")
