@@ -1,19 +1,18 @@
 """Dispatcher: the coordinator's loop that claims due tasks and hands them to workers.
 
-Concurrency: one dispatcher thread runs the loop. It starts each SubmitTasks call without waiting
-for it; the answers, the passing on of refused tasks and the CancelTask calls run on a small thread
-pool, so one slow worker never holds up the others. The loop wakes on any of: a NOTIFY (new
-task, or a cancel), a freed slot or a new worker (set by the gRPC handlers), the next due
-`scheduled_at`, or the poll interval.
-
-Each step:
+Concurrency: two threads. The dispatcher thread only claims: it reserves free slots round-robin,
+claims that many due tasks in one short transaction that names each task's worker, and dispatches
+them after it has committed (one SubmitTasks call per worker, started without waiting for it). It
+wakes on any of: a NOTIFY of new tasks, a freed slot or a new worker (set by the gRPC handlers), the
+next due `scheduled_at`, or the poll interval. The housekeeping thread, so that no due task waits for
+its queries:
 1. refreshes the worker registry from the database (shared by every coordinator);
 2. rescues attempts whose worker went silent and dispatches never acknowledged, but only once the
    database has been reachable for a whole worker ttl (after an outage or a restart of this
    coordinator, heartbeats need that long to be on record again);
-3. asks workers to stop cancelled tasks;
-4. reserves free slots round-robin, claims that many due tasks in one short transaction that names
-   each task's worker, and dispatches them after it has committed: one SubmitTasks call per worker.
+3. asks workers to stop cancelled tasks (at once on a NOTIFY of a cancel, and at every sweep).
+The answers of the calls, the passing on of refused tasks and the CancelTask calls run on a small
+thread pool, so one slow worker never holds up the others.
 
 A worker starts what it takes at once: the committed claim (worker and lease) is what lets it run.
 So a task moves to another worker only on an answer that says the first did not take it (a refusal,
@@ -123,6 +122,8 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(DISPATCH_THREADS, thread_name_prefix="dispatch")
         self._thread: threading.Thread | None = None
+        self._housekeeper: threading.Thread | None = None
+        self._chores = threading.Event()  # wakes the housekeeping thread (a cancel, stopping)
         # Rescue waits until the database has been reachable this long (see the module docstring).
         self._db_ok_since = time.monotonic()
         self._next_refresh = 0.0
@@ -145,13 +146,17 @@ class Dispatcher:
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="dispatcher", daemon=True)
         self._thread.start()
+        self._housekeeper = threading.Thread(target=self.run_housekeeping, name="housekeeping", daemon=True)
+        self._housekeeper.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops claiming; dispatches not yet sent go back to the queue; calls under way finish."""
         self._stop.set()
         self.wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._chores.set()
+        for thread in (self._thread, self._housekeeper):
+            if thread is not None:
+                thread.join(timeout)
         with self._answers_changed:  # each call ends within the dispatch timeout
             self._answers_changed.wait_for(lambda: self._answers_owed == 0,
                                            self.config.dispatch_timeout_s + STOP_ANSWERS_MARGIN_S)
@@ -165,12 +170,12 @@ class Dispatcher:
 
     def on_notify(self, channel: str, payload: str | None) -> None:
         """The Listener's callback: new tasks wake the loop, unless they are due after it wakes anyway;
-        cancels are queued for it."""
+        cancels go to the housekeeping thread."""
         if channel == "distrack_cancel":
             self._cancels.put(payload)
-        elif self._due_after_planned_wakeup(payload):
-            return
-        self.wakeup.set()
+            self._chores.set()
+        elif not self._due_after_planned_wakeup(payload):
+            self.wakeup.set()
 
     def _due_after_planned_wakeup(self, payload: str | None) -> bool:
         """Whether the new tasks (payload: their earliest scheduled_at, epoch seconds on the database's
@@ -202,30 +207,47 @@ class Dispatcher:
             if time.monotonic() - self._last_claim < BUSY_WINDOW_S:
                 self._stop.wait(LINGER_S)
 
+    def run_housekeeping(self) -> None:
+        db_delay = 0.1
+        while not self._stop.is_set():
+            try:
+                wait_s = self.housekeeping_once()
+                db_delay = 0.1
+            except DatabaseUnavailable as exc:
+                log.warning("housekeeping: %s; retrying in %.1f s", exc, db_delay)
+                self._db_ok_since = time.monotonic()
+                wait_s, db_delay = db_delay, min(db_delay * 2, DB_RETRY_MAX_S)
+            except Exception:
+                log.exception("housekeeping step failed")
+                wait_s = self.config.poll_interval_s
+            self._chores.wait(wait_s)
+
     # --- one step
 
     def run_once(self) -> float:
-        """One step of the loop (see the module docstring); returns how long to wait before the next.
-
-        The claim comes before the housekeeping (registry refresh, rescue, cancels), so a task that
-        woke the loop never waits for those queries."""
+        """One step of the claim loop (see the module docstring); returns how long to wait before the
+        next."""
         self.wakeup.clear()
         if self._next_refresh == 0.0:
             self._refresh_workers()  # the first step: the registry is empty until then
-        wait_s = self._claim_step()
+        return self._claim_step()
+
+    def housekeeping_once(self) -> float:
+        """One step of the housekeeping thread; returns how long it may wait before the next."""
+        self._chores.clear()
         now = time.monotonic()
         if now >= self._next_refresh:
             had_free = self.registry.free_slots() > 0
             self._refresh_workers()
             if not had_free and self.registry.free_slots() > 0:
-                wait_s = 0.0  # slots appeared (a new worker, or ones that ended elsewhere): claim now
+                self.wakeup.set()  # slots appeared (a new worker, or ones that ended elsewhere): claim now
         if now >= self._next_sweep:
             self._next_sweep = now + self.config.poll_interval_s
             if now - self._db_ok_since >= self.config.worker_ttl_s:
                 self._rescue()
             self._cancels.put(None)
         self._send_cancels()
-        return wait_s
+        return max(min(self._next_refresh, self._next_sweep) - time.monotonic(), 0.0)
 
     def _claim_step(self) -> float:
         """Claims a task for every free slot; returns how long the loop may wait before the next."""
