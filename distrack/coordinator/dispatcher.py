@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
@@ -188,39 +189,36 @@ class Dispatcher:
         return due - NOTIFY_CLOCK_MARGIN_S >= self._sleep_until
 
     def run(self) -> None:
-        db_delay = 0.1
-        while not self._stop.is_set():
-            try:
-                wait_s = self.run_once()
-                db_delay = 0.1
-            except DatabaseUnavailable as exc:
-                log.warning("%s; retrying in %.1f s", exc, db_delay)
-                self._db_ok_since = time.monotonic()
-                wait_s, db_delay = db_delay, min(db_delay * 2, DB_RETRY_MAX_S)
-            except Exception:
-                log.exception("dispatcher step failed")
-                wait_s = self.config.poll_interval_s
-            if wait_s > 0:
-                self._sleep_until = time.monotonic() + wait_s
-                self.wakeup.wait(wait_s)
-                self._sleep_until = math.inf
-            if time.monotonic() - self._last_claim < BUSY_WINDOW_S:
-                self._stop.wait(LINGER_S)
+        self._loop("dispatcher", self.run_once, self._sleep)
 
     def run_housekeeping(self) -> None:
+        self._loop("housekeeping", self.housekeeping_once, self._chores.wait)
+
+    def _loop(self, name: str, step: Callable[[], float], wait: Callable[[float], object]) -> None:
+        """Runs `step` until stopped, waiting as long as it says (with backoff while the database is
+        unreachable)."""
         db_delay = 0.1
         while not self._stop.is_set():
             try:
-                wait_s = self.housekeeping_once()
+                wait_s = step()
                 db_delay = 0.1
             except DatabaseUnavailable as exc:
-                log.warning("housekeeping: %s; retrying in %.1f s", exc, db_delay)
+                log.warning("%s: %s; retrying in %.1f s", name, exc, db_delay)
                 self._db_ok_since = time.monotonic()
                 wait_s, db_delay = db_delay, min(db_delay * 2, DB_RETRY_MAX_S)
             except Exception:
-                log.exception("housekeeping step failed")
+                log.exception("%s step failed", name)
                 wait_s = self.config.poll_interval_s
-            self._chores.wait(wait_s)
+            wait(wait_s)
+
+    def _sleep(self, wait_s: float) -> None:
+        """The claim loop's wait: until woken or wait_s, then a linger while busy (see config)."""
+        if wait_s > 0:
+            self._sleep_until = time.monotonic() + wait_s
+            self.wakeup.wait(wait_s)
+            self._sleep_until = math.inf
+        if time.monotonic() - self._last_claim < BUSY_WINDOW_S:
+            self._stop.wait(LINGER_S)
 
     # --- one step
 
