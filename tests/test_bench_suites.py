@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from helpers import wait_for
 
 from distrack.bench import figures as fig
 from distrack.bench.client import ApiError, TransportError, batch_body, schedule_body
@@ -469,3 +470,21 @@ def test_checkpoint_runs_for_a_superuser_and_is_skipped_with_a_note_otherwise(sq
     finally:
         sql_conn.execute("RESET ROLE")
         sql_conn.execute(f"DROP ROLE {role}")
+
+
+def test_removing_the_throughput_tasks_deletes_only_queued_ones_and_leaves_the_table_vacuumed(db_url, sql_conn):
+    from distrack.bench.suites import StackUnderTest, remove_tasks
+
+    ids = [r["id"] for r in sql_conn.execute(
+        "INSERT INTO tasks (id, command, scheduled_at) SELECT gen_random_uuid(), 'echo', now() + interval '1 day' "
+        "FROM generate_series(1, 500) RETURNING id::text").fetchall()]
+    sql_conn.execute("UPDATE tasks SET status = 'running' WHERE id = %s", (ids[0],))
+    before = sql_conn.execute("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'tasks'").fetchone()
+    removed = remove_tasks(StackUnderTest(url="http://127.0.0.1:9", database_url=db_url), ids, SuiteConfig(),
+                           Progress())
+    assert removed == 499
+    assert sql_conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 1
+    # The statistics collector reports the VACUUM a moment later.
+    wait_for(lambda: sql_conn.execute("SELECT pg_stat_clear_snapshot()") and sql_conn.execute(
+        "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'tasks'").fetchone()["vacuum_count"]
+        > before["vacuum_count"], what="the VACUUM on record")
