@@ -360,11 +360,12 @@ class Dispatcher:
             unused[task.worker_id] -= 1
             self.registry.confirm(task.worker_id, str(task.id))
             batches.setdefault(task.worker_id, []).append(task)
-        for worker_id, tasks in batches.items():
-            self._dispatch(tasks, by_id[worker_id], deadline)
+        # Slots no task was claimed for are freed first: a refusal may come back at once and look for one.
         for worker_id, count in unused.items():
             if count:
                 self.registry.unreserve(worker_id, count)
+        for worker_id, tasks in batches.items():
+            self._dispatch(tasks, by_id[worker_id], deadline)
         return claimed, next_due_s
 
     def _submit_call(self, fn, *args) -> None:  # noqa: ANN001 - a bound method and its arguments
