@@ -306,6 +306,18 @@ class Api:
 INPROGRESS = distrack_pb2.TaskStatus.INPROGRESS
 
 
+def serve_in_test(add_servicer: Callable[[Any, grpc.Server], None], servicer: Any, threads: int = 4
+                  ) -> tuple[grpc.Server, int]:
+    """A started plaintext gRPC server for one servicer on a free loopback port (stop it when done)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(threads))
+    add_servicer(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
 class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
     """A coordinator for a worker under test: records heartbeats and reports, and records every start
     unless told otherwise (deny_start); can refuse the next N reports with UNAVAILABLE."""

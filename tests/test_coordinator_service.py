@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from helpers import wait_for
+from helpers import serve_in_test, wait_for
 
 from distrack.config import CoordinatorConfig
 from distrack.coordinator.registry import WorkerRegistry
@@ -196,10 +196,7 @@ def test_stop_handles_the_answers_of_dispatches_under_way_before_returning(store
     from distrack.coordinator.dispatcher import Dispatcher
 
     worker = SlowRefusingWorker(delay_s=1.0)
-    server = grpc.server(ThreadPoolExecutor(2))
-    distrack_pb2_grpc.add_WorkerServicer_to_server(worker, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = serve_in_test(distrack_pb2_grpc.add_WorkerServicer_to_server, worker, threads=2)
     try:
         store.record_heartbeat("slow", f"127.0.0.1:{port}", 1, [])
         task_id = store.insert_task("echo", 0)["id"]
@@ -236,10 +233,7 @@ def worker_servers():
     servers = []
 
     def serve(servicer: distrack_pb2_grpc.WorkerServicer) -> str:
-        server = grpc.server(ThreadPoolExecutor(2))
-        distrack_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
+        server, port = serve_in_test(distrack_pb2_grpc.add_WorkerServicer_to_server, servicer, threads=2)
         servers.append(server)
         return f"127.0.0.1:{port}"
 

@@ -3,11 +3,9 @@ place of start reports still waiting."""
 
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-from helpers import RecordingCoordinator, wait_for
+from helpers import RecordingCoordinator, serve_in_test, wait_for
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.worker.reporter import CoordinatorClient, ReportBatcher
@@ -33,10 +31,7 @@ class GatedCoordinator(RecordingCoordinator):
 @pytest.fixture
 def gated():
     servicer = GatedCoordinator()
-    server = grpc.server(ThreadPoolExecutor(4))
-    distrack_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, servicer)
     stop = threading.Event()
     client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
     batcher = ReportBatcher(client).start()

@@ -3,11 +3,10 @@
 import signal
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from helpers import TEST_HEARTBEAT_S, RecordingCoordinator, Service, free_port, wait_for
+from helpers import TEST_HEARTBEAT_S, RecordingCoordinator, Service, free_port, serve_in_test, wait_for
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.worker.service import START_REFUSED
@@ -18,11 +17,7 @@ Status = distrack_pb2.TaskStatus
 @pytest.fixture
 def coordinator():
     servicer = RecordingCoordinator()
-    server = grpc.server(ThreadPoolExecutor(4))
-    distrack_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.port = port
+    server, servicer.port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, servicer)
     yield servicer
     server.stop(0).wait()
 

@@ -218,11 +218,11 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         outcome: Outcome | None = None
         try:
             outcome = start_error if started else self._start(task_id, run)
-            if run.command.child is not None:  # a child to wait for, even after a worker error
+            # Waited for even after a worker error (no child outlives its report); wait() also answers
+            # for a run stopped before it began.
+            if outcome is None or run.command.child is not None:
                 waited = run.command.wait()
                 outcome = outcome or waited
-            elif outcome is None:
-                outcome = run.command.wait()  # stopped before it began
         except Exception as exc:  # a started task must always free its slot and report
             log.exception("task %s crashed the worker's runner", task_id)
             outcome = Outcome(1, f"worker error: {exc}")
@@ -244,14 +244,17 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def _start_settled(self, task_id: str, run: Run, report: Future) -> None:
         """A refused start means the run is not (or no longer) this worker's: it is stopped. A start
         not delivered is not: the final report records the start too."""
-        if report.exception() is None and report.result() is False:
+        if report.exception() is not None:
+            return  # the report thread crashed, and said why
+        recorded = report.result()
+        if recorded is None:
+            log.error("gave up reporting the start of %s", task_id)
+        elif not recorded:
             with self._lock:
                 running = self._runs.get(task_id) is run
             if running:
                 log.info("coordinator refused the start of %s; stopping it", task_id)
                 run.command.stop(START_REFUSED)
-        elif report.exception() is None and report.result() is None:
-            log.error("gave up reporting the start of %s", task_id)
 
     def _final_settled(self, task_id: str, status: int, report: Future) -> None:
         try:
