@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -17,7 +19,16 @@ from distrack.bench import figures as fig
 from distrack.bench.client import ApiError, TransportError, batch_body, schedule_body
 from distrack.bench.config import SuiteConfig, expand_suites
 from distrack.bench.load import run_load
-from distrack.bench.machine import CLOCK_TICKS, CpuUsage, MemoryGrowth, memory_growth, parse_proc_stat
+from distrack.bench.machine import (
+    CLOCK_TICKS,
+    CpuMeter,
+    CpuUsage,
+    MemoryGrowth,
+    memory_growth,
+    parse_proc_stat,
+    parse_process_stat,
+    tree_cpu_s,
+)
 from distrack.bench.progress import Progress, bar
 from distrack.bench.references import PostgresReference, RateResult, bash_reference, pg_text_array
 from distrack.bench.run import Report
@@ -160,6 +171,51 @@ def test_cpu_usage():
     assert usage.client_share == pytest.approx(0.25)
     assert CpuUsage(1.0, None, 0.1).machine_ms_per(10) is None
     assert usage.machine_ms_per(0) is None
+
+
+def test_parse_process_stat_reads_past_a_name_with_spaces_and_parentheses():
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+    text = "4242 (we ird) (name)) S 1 4242 4242 0 -1 4194560 10 0 0 0 150 50 30 20 20 0 1 0 100\n"
+    own, reaped = parse_process_stat(text)
+    assert own == pytest.approx(200 / CLOCK_TICKS)
+    assert reaped == pytest.approx(50 / CLOCK_TICKS)
+
+
+BURN_IN_CHILD = """
+import subprocess, sys, time
+burn = "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"
+child = subprocess.Popen([sys.executable, "-c", burn])
+child.wait()
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_process_tree_counts_the_cpu_of_children_it_has_reaped():
+    """A parent that only waits is charged with what its child burned, as a worker is with its tasks."""
+    parent = subprocess.Popen([sys.executable, "-c", BURN_IN_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        meter = CpuMeter({"parent": parent.pid, "gone": 2**22 + 1})
+        assert parent.stdout.readline() == "reaped\n"
+        usage = meter.stop()
+        assert usage.by_process_s["parent"] >= 0.25
+        assert "gone" not in usage.by_process_s  # no such process: left out, not zero
+        assert tree_cpu_s(2**22 + 1) is None
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_cpu_split_per_task_groups_the_workers_and_names_the_rest():
+    usage = CpuUsage(1.0, machine_busy_s=0.5, client_s=0.02,
+                     by_process_s={"coordinator": 0.05, "worker 1": 0.1, "worker 2": 0.12, "PostgreSQL": 0.03})
+    run = measure_run("e2e", load_result(100), [task(f"t{i}", completed=1) for i in range(100)], 0, usage)
+    assert run.cpu_split_ms_per_task() == pytest.approx({
+        "coordinator": 0.5, "workers, with their commands": 2.2, "PostgreSQL": 0.3, "this benchmark": 0.2,
+        "the rest of the machine": 1.8})
+    unknown = measure_run("e2e", load_result(1), [task("a", completed=1)], 0, CpuUsage(1.0, 0.5, 0.02))
+    assert unknown.cpu_split_ms_per_task() == {}
 
 
 def test_memory_growth_compares_the_first_and_last_thirds():

@@ -112,9 +112,15 @@ def end_to_end_figures(suite: str, run: TaskRun, refs: References, *, name: str,
         Figure(suite, "tasks completed", run.completed, "", run.submitted, "submitted", ALL_COMPLETED),
         Figure(suite, "machine CPU per task", run.machine_ms_per_task, "ms", refs.bash_ms,
                refs.bash_label, E2E_CPU_PER_TASK_MS if targets else None),
+        *cpu_split_figures(suite, run),
         Figure(suite, "end-to-end latency p50 (scheduled_at -> completed_at)", _ms(run.end_to_end, "p50_s"), "ms"),
         Figure(suite, "end-to-end latency p99", _ms(run.end_to_end, "p99_s"), "ms"),
     ]
+
+
+def cpu_split_figures(suite: str, run: TaskRun) -> list[Figure]:
+    """Where the machine CPU per task went, by process (none when the services are not ours)."""
+    return [Figure(suite, f"  of which {kind}", ms, "ms") for kind, ms in run.cpu_split_ms_per_task().items()]
 
 
 def latency_figures(result: LatencyResult, refs: References, workers: int | None) -> list[Figure]:

@@ -1,4 +1,5 @@
-"""What the machine spends: CPU from /proc/stat, this process's own CPU, the services' memory (RSS)."""
+"""What the machine spends: CPU from /proc/stat, this process's own CPU, each service's CPU (with what
+it started) from /proc/PID/stat, the services' memory (RSS)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from distrack.bench.stats import thirds
@@ -49,6 +50,55 @@ def read_cpu_times(path: str = "/proc/stat") -> CpuTimes | None:
         return None
 
 
+def parse_process_stat(text: str) -> tuple[float, float]:
+    """(CPU seconds of the process itself, CPU seconds of its children it has reaped) from
+    /proc/PID/stat: utime + stime, and cutime + cstime. The command name, in parentheses, may hold
+    spaces and parentheses itself, so the fields are counted from its last ')'."""
+    fields = text.rsplit(")", 1)[1].split()
+    # Fields 14 to 17 of proc(5) are the 12th to 15th after the name.
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    return (utime + stime) / CLOCK_TICKS, (cutime + cstime) / CLOCK_TICKS
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as file:
+                children += [int(child) for child in file.read().split()]
+    except OSError:
+        pass
+    return children
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds spent by a process, its live descendants and the ones already reaped (the kernel
+    adds a reaped child's CPU to its parent's); None once the process is gone. A descendant that is
+    reaped within a window is counted whole at the end, so windows should outlast the short-lived
+    ones (a shell task's few milliseconds)."""
+    total = None
+    stack, seen = [pid], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/stat") as file:
+                own, reaped = parse_process_stat(file.read())
+        except (OSError, ValueError, IndexError):
+            if current == pid:
+                return None
+            continue  # it ended meanwhile: its parent has it, or will
+        total = (total or 0.0) + own + reaped
+        stack += _children(current)
+    return total
+
+
+def _trees_cpu_s(processes: Mapping[str, int]) -> dict[str, float]:
+    return {name: cpu for name, pid in processes.items() if (cpu := tree_cpu_s(pid)) is not None}
+
+
 @dataclass(frozen=True)
 class CpuUsage:
     """CPU spent over one measured window."""
@@ -58,6 +108,8 @@ class CpuUsage:
     machine_busy_s: float | None
     # This process only: the load generator, or the reference's driver.
     client_s: float
+    # Per process given to the meter (a service or PostgreSQL), with everything it started.
+    by_process_s: dict[str, float] = field(default_factory=dict)
 
     def machine_ms_per(self, count: int) -> float | None:
         if self.machine_busy_s is None or count <= 0:
@@ -74,21 +126,28 @@ class CpuUsage:
             "wall_s": round(self.wall_s, 4),
             "machine_busy_s": None if self.machine_busy_s is None else round(self.machine_busy_s, 4),
             "client_s": round(self.client_s, 4),
+            "by_process_s": {name: round(seconds, 4) for name, seconds in self.by_process_s.items()},
         }
 
 
 class CpuMeter:
-    """Starts counting when made; `stop()` gives the CpuUsage since."""
+    """Starts counting when made; `stop()` gives the CpuUsage since. `processes` (name -> PID) are
+    also counted one by one, each with what it started."""
 
-    def __init__(self) -> None:
+    def __init__(self, processes: Mapping[str, int] | None = None) -> None:
+        self._processes = dict(processes or {})
+        self._trees = _trees_cpu_s(self._processes)
         self._wall = time.monotonic()
         self._client = time.process_time()
         self._machine = read_cpu_times()
 
     def stop(self) -> CpuUsage:
         machine = read_cpu_times()
+        client = time.process_time()
+        trees = _trees_cpu_s(self._processes)
         busy = None if machine is None or self._machine is None else machine.busy_s - self._machine.busy_s
-        return CpuUsage(time.monotonic() - self._wall, busy, time.process_time() - self._client)
+        by_process = {name: trees[name] - self._trees[name] for name in trees if name in self._trees}
+        return CpuUsage(time.monotonic() - self._wall, busy, client - self._client, by_process)
 
 
 def machine_busy_fraction(window_s: float) -> float | None:

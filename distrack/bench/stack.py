@@ -84,6 +84,8 @@ class OwnStack:
     services: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     embedded: bool = False
+    # The embedded PostgreSQL's postmaster (None for a configured database).
+    postgres_pid: int | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -122,7 +124,12 @@ class OwnStack:
         output = self._wait_ready()
         self.services = parse_service_pids(output)
         self.url = f"http://127.0.0.1:{scheduler_port}"
-        self.database_url = configured or postgres_url_from_pid_file((self.data_dir / "postmaster.pid").read_text())
+        if configured:
+            self.database_url = configured
+        else:
+            pid_file = (self.data_dir / "postmaster.pid").read_text()
+            self.database_url = postgres_url_from_pid_file(pid_file)
+            self.postgres_pid = int(pid_file.split()[0])
 
     def _wait_ready(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S

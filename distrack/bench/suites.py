@@ -46,6 +46,7 @@ QUIET_WINDOW_S = 0.5
 SCALE_ROWS = 1_000_000
 # Marks the rows the scale-rows suite inserts, so they can be removed from a database it does not own.
 SCALE_ROWS_WORKER_ID = "distrack-bench-rows"
+POSTGRES_PROCESS = "PostgreSQL"
 
 
 def note(text: str) -> None:
@@ -64,6 +65,13 @@ class StackUnderTest:
     workers: int | None = None
     token: str | None = None
     own: bool = False
+    # The embedded PostgreSQL's postmaster, for CPU; None for a database the benchmark did not start.
+    postgres_pid: int | None = None
+
+    @property
+    def processes(self) -> dict[str, int]:
+        """Whose CPU is counted one by one: the services, and PostgreSQL when it is ours."""
+        return {**self.services, **({POSTGRES_PROCESS: self.postgres_pid} if self.postgres_pid else {})}
 
     def describe(self) -> str:
         who = f"own stack, {plural(self.workers or 0, 'worker')}" if self.own else "a running stack"
@@ -129,6 +137,21 @@ class TaskRun:
     def machine_ms_per_task(self) -> float | None:
         return self.cpu.machine_ms_per(self.completed)
 
+    def cpu_split_ms_per_task(self) -> dict[str, float]:
+        """Machine CPU per completed task by who spent it: each kind of service (the workers with the
+        commands they ran), PostgreSQL, this benchmark, and the rest of the machine. Empty when the
+        services' CPU is unknown (a stack the benchmark did not start)."""
+        if not self.cpu.by_process_s or self.completed <= 0:
+            return {}
+        grouped: dict[str, float] = {}
+        for name, seconds in self.cpu.by_process_s.items():
+            kind = "workers, with their commands" if name.startswith("worker") else name
+            grouped[kind] = grouped.get(kind, 0.0) + seconds
+        grouped["this benchmark"] = self.cpu.client_s
+        if self.cpu.machine_busy_s is not None:
+            grouped["the rest of the machine"] = max(self.cpu.machine_busy_s - sum(grouped.values()), 0.0)
+        return {kind: seconds * 1000 / self.completed for kind, seconds in grouped.items()}
+
     @property
     def all_completed(self) -> bool:
         return self.submitted > 0 and self.completed == self.submitted and self.load.errors == 0
@@ -192,7 +215,7 @@ def run_tasks(
     POST /schedule each from config.concurrency clients. A `sampler` runs while the tasks are being
     submitted."""
     progress = progress or Progress()
-    meter = CpuMeter()
+    meter = CpuMeter(sut.processes)
     if sampler:
         sampler.start()
     try:
@@ -437,7 +460,7 @@ def checkpoint(conn: Any) -> None:
 
 def own_stack_under_test(stack: OwnStack, config: SuiteConfig) -> StackUnderTest:
     return StackUnderTest(url=stack.url, database_url=stack.database_url, services=dict(stack.services),
-                          workers=stack.workers, token=config.token, own=True)
+                          workers=stack.workers, token=config.token, own=True, postgres_pid=stack.postgres_pid)
 
 
 def scaling_suite(config: SuiteConfig, work_dir: Path, progress: Progress) -> ScalingResult:
