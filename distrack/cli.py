@@ -63,6 +63,16 @@ def _positive(kind: type):  # noqa: ANN202
     return parse
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -136,7 +146,15 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
         "slots",
         type=_positive(int),
         default=cfg.DEFAULT_SLOTS,
-        help="tasks a worker runs at once; it refuses more (default %(default)s)",
+        help="tasks a worker runs at once (default %(default)s)",
+    )
+    _flag(
+        parser,
+        "prefetch",
+        type=_count,
+        default=None,
+        help="tasks a worker takes beyond its slots, each to start as a slot frees: keeps the slots busy "
+        "between dispatches; it refuses more (default: twice --slots; 0 takes none)",
     )
 
 
@@ -401,6 +419,7 @@ def _run(args: argparse.Namespace) -> int:
                 listen=args.worker_port,
                 output_dir=args.output_dir,
                 slots=args.slots,
+                prefetch=cfg.default_prefetch(args.slots) if args.prefetch is None else args.prefetch,
                 heartbeat_interval_s=args.heartbeat_interval_s,
                 advertise_host=os.environ.get("WORKER_ADDRESS", "").strip() or None,
                 task_timeout_s=args.task_timeout_s,

@@ -26,6 +26,9 @@ DEFAULT_HEARTBEAT_MISSES = 3
 # NOTIFY wakes the coordinator at once; the poll only covers a lost notification or a restart.
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_SLOTS = 5
+# A worker takes this many tasks per slot beyond its slots, to start as slots free (see the worker's
+# service): enough to cover the time the coordinator takes to record an end and send the next task.
+PREFETCH_PER_SLOT = 2
 # Batching under load, on both ends of the dispatch: after a claim (coordinator) or a report call
 # (worker) less than BUSY_WINDOW_S ago, the next one waits up to LINGER_S to gather more, since a call
 # or a statement costs far more CPU than another task in it. An idle service sends at once, so a lone
@@ -174,6 +177,10 @@ class CoordinatorConfig:
         return min(self.heartbeat_interval_s, self.poll_interval_s) / 2
 
 
+def default_prefetch(slots: int) -> int:
+    return slots * PREFETCH_PER_SLOT
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     # The coordinators to heartbeat and report to: the first, then the next while it is unreachable.
@@ -181,6 +188,8 @@ class WorkerConfig:
     listen: Address = Address("", DEFAULT_WORKER_PORT)
     output_dir: str = "worker_output"
     slots: int = DEFAULT_SLOTS
+    # Tasks taken beyond the slots, waiting for one.
+    prefetch: int = DEFAULT_SLOTS * PREFETCH_PER_SLOT
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     # `WORKER_ADDRESS` from the environment: the host other machines use to reach this worker.
     advertise_host: str | None = None

@@ -203,6 +203,7 @@ def run_up(args: argparse.Namespace) -> int:
                         f"--coordinator={_hostport(dial, args.coordinator_port)}",
                         f"--output_dir={args.output_dir}",
                         f"--slots={args.slots}",
+                        *([] if args.prefetch is None else [f"--prefetch={args.prefetch}"]),
                         *tuning,
                     ],
                     f"grpc {_hostport(dial, port) if port else '(free port)'}",

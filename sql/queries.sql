@@ -242,10 +242,10 @@ WHERE status IN ('picked', 'running') AND worker_id = %(worker_id)s;
 
 -- upsert_worker --
 -- A heartbeat. `joined` is true when the row is new (xmax is 0 only for a freshly inserted row).
-INSERT INTO workers AS w (worker_id, address, slots, running, unfinished)
-VALUES (%(worker_id)s, %(address)s, %(slots)s, %(running)s, %(unfinished)s::uuid[])
+INSERT INTO workers AS w (worker_id, address, slots, prefetch, running, unfinished)
+VALUES (%(worker_id)s, %(address)s, %(slots)s, %(prefetch)s, %(running)s, %(unfinished)s::uuid[])
 ON CONFLICT (worker_id) DO UPDATE
-SET address = EXCLUDED.address, slots = EXCLUDED.slots, running = EXCLUDED.running,
+SET address = EXCLUDED.address, slots = EXCLUDED.slots, prefetch = EXCLUDED.prefetch, running = EXCLUDED.running,
     unfinished = EXCLUDED.unfinished, last_seen_at = now()
 RETURNING (xmax = 0) AS joined;
 
@@ -262,8 +262,9 @@ WHERE NOT EXISTS (
 
 -- live_workers --
 -- Every coordinator's view of the workers: those heard from within the ttl, in the order they
--- joined (the round-robin order), with the tasks each one holds right now.
-SELECT w.worker_id, w.address, w.slots, w.running,
+-- joined (the round-robin order), with how many tasks each one takes (its slots and its prefetch) and
+-- the tasks it holds right now.
+SELECT w.worker_id, w.address, w.slots + w.prefetch AS takes, w.running,
        coalesce(array_agg(t.id) FILTER (WHERE t.id IS NOT NULL), '{}') AS active_task_ids
 FROM workers AS w
 LEFT JOIN tasks AS t ON t.worker_id = w.worker_id AND t.status IN ('picked', 'running')

@@ -46,10 +46,10 @@ class Served:
                                                status=status, lease=attempt.lease, **extra)
         return self.stub.UpdateTaskStatus(update, timeout=5).recorded
 
-    def heartbeat(self, worker_id: str, running=(), unfinished=()) -> list[str]:
+    def heartbeat(self, worker_id: str, running=(), unfinished=(), slots: int = 5, prefetch: int = 0) -> list[str]:
         reply = self.stub.Heartbeat(distrack_pb2.HeartbeatRequest(
-            worker_id=worker_id, address=f"{worker_id}:1", slots=5, running_task_ids=list(running),
-            unfinished_task_ids=list(unfinished)), timeout=5)
+            worker_id=worker_id, address=f"{worker_id}:1", slots=slots, running_task_ids=list(running),
+            unfinished_task_ids=list(unfinished), prefetch=prefetch), timeout=5)
         return list(reply.stop_task_ids)
 
 
@@ -95,6 +95,26 @@ def test_a_stale_report_is_refused_and_changes_nothing(served, store):
     assert served.report(Attempt(tid, a.lease, "someone-else"), Status.COMPLETED) is False
     assert store.get_task(tid)["status"] == "running"
     assert served.report(a, Status.COMPLETED) is True
+
+
+def test_a_task_given_back_before_it_started_is_queued_again_at_no_cost(served, store):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim(store)
+    assert served.report(Attempt(tid, a.lease - 1, a.worker_id), Status.RETURNED) is False  # stale: ignored
+    assert store.get_task(tid)["status"] == "picked"
+    assert served.report(a, Status.RETURNED) is True
+    row = store.get_task(tid)
+    assert row["status"] == "queued" and row["attempts"] == 0 and row["worker_id"] is None
+    assert row["picked_at"] is None and row["started_at"] is None
+    again = claim(store, "w2")  # and due again at once
+    assert again.task_id == tid and again.lease > a.lease
+
+
+def test_a_workers_prefetch_counts_as_room_for_tasks(served, store):
+    served.heartbeat("w1", slots=2, prefetch=3)
+    assert served.registry.free_slots() == 5
+    worker = next(w for w in store.live_workers(60) if w.worker_id == "w1")
+    assert worker.slots == 5
 
 
 def test_a_heartbeat_ends_running_attempts_the_worker_no_longer_lists(served, store, sql_conn):

@@ -9,7 +9,7 @@ import pytest
 from helpers import TEST_HEARTBEAT_S, RecordingCoordinator, Service, free_port, serve_in_test, wait_for
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
-from distrack.worker.service import START_REFUSED
+from distrack.worker.service import GIVE_BACK_S, START_REFUSED
 
 Status = distrack_pb2.TaskStatus
 
@@ -26,7 +26,8 @@ def coordinator():
 def worker(coordinator, tmp_path):
     started: list[Service] = []
 
-    def start(slots: int = 1, env_extra: dict | None = None) -> tuple[Service, distrack_pb2_grpc.WorkerStub]:
+    def start(slots: int = 1, env_extra: dict | None = None, prefetch: int = 0,
+              ) -> tuple[Service, distrack_pb2_grpc.WorkerStub]:
         import os
 
         port = free_port()
@@ -39,6 +40,7 @@ def worker(coordinator, tmp_path):
                 f"--coordinator=127.0.0.1:{coordinator.port}",
                 f"--output_dir={tmp_path / 'out'}",
                 f"--slots={slots}",
+                f"--prefetch={prefetch}",
                 f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
             ],
             env,
@@ -151,6 +153,98 @@ def test_refuses_a_task_beyond_its_slots_with_resource_exhausted(coordinator, wo
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     wait_for(lambda: coordinator.final(first), what="the first task to finish")
     submit(stub, "echo third")  # the slot is free again
+
+
+def started_at(coordinator, task_id: str) -> float | None:
+    with coordinator.lock:
+        return next((r.started_at for r in coordinator.reports if r.task_id == task_id and r.started_at), None)
+
+
+def test_a_prefetched_task_waits_for_a_slot_and_starts_as_it_frees(coordinator, worker, tmp_path):
+    _, stub = worker(slots=1, prefetch=1)
+    hb = wait_for(lambda: coordinator.heartbeats[-1], what="a heartbeat")
+    assert (hb.slots, hb.prefetch) == (1, 1)
+    first = submit(stub, "sleep 0.5")
+    second = submit(stub, f"echo second > {tmp_path / 'second'}")  # taken, to wait for the slot
+    with pytest.raises(grpc.RpcError) as info:
+        submit(stub, "echo third")  # the slot and the prefetch are full
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1 task(s) wait for one" in info.value.details()
+    final = wait_for(lambda: coordinator.final(second), what="the waiting task to run")
+    assert final.status == Status.COMPLETED and final.started_at  # (its start report may have merged into it)
+    # It started once the first had ended: never two commands at once on one slot.
+    assert started_at(coordinator, second) >= started_at(coordinator, first) + 0.5
+    assert coordinator.final(first).status == Status.COMPLETED
+
+
+def test_a_task_waiting_behind_a_long_run_is_given_back_and_no_more_are_taken(coordinator, worker, tmp_path):
+    _, stub = worker(slots=1, prefetch=1)
+    marker = tmp_path / "ran"
+    long_run = submit(stub, "sleep 4")
+    waiting = submit(stub, f"touch {marker}")
+    final = wait_for(lambda: coordinator.final(waiting), timeout=GIVE_BACK_S + 2, what="the waiting task back")
+    assert final.status == Status.RETURNED and final.lease == 7 and not final.started_at
+    assert coordinator.statuses(waiting) == [Status.RETURNED]
+    # Its command has run for over LONG_RUN_S now: the worker takes nothing to wait behind it.
+    with pytest.raises(grpc.RpcError) as info:
+        submit(stub, "echo next")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    hb = wait_for(lambda: coordinator.heartbeats[-1] if coordinator.heartbeats[-1].prefetch == 0 else None,
+                  what="a heartbeat offering no prefetch")
+    assert long_run in hb.running_task_ids
+    assert not marker.exists() and coordinator.final(long_run) is None
+
+
+def test_a_waiting_task_does_not_start_while_heartbeats_go_unanswered(coordinator, worker, tmp_path):
+    # Cut off from its coordinator, a worker may be declared lost and its tasks rescued elsewhere: it
+    # must not start the ones that wait for a slot, and gives them back once they have waited too long.
+    _, stub = worker(slots=1, prefetch=1)
+    wait_for(lambda: coordinator.heartbeats, what="a heartbeat")
+    marker = tmp_path / "ran"
+    first = submit(stub, "sleep 1")
+    waiting = submit(stub, f"touch {marker}")
+    coordinator.heartbeats_unanswered = True
+    assert wait_for(lambda: coordinator.final(first), what="the first run's end").status == Status.COMPLETED
+    final = wait_for(lambda: coordinator.final(waiting), timeout=GIVE_BACK_S + 2, what="the waiting task back")
+    assert final.status == Status.RETURNED and not final.started_at
+    assert coordinator.statuses(waiting) == [Status.RETURNED] and not marker.exists()
+
+
+def test_a_waiting_task_starts_once_heartbeats_are_answered_again(coordinator, worker, tmp_path):
+    _, stub = worker(slots=1, prefetch=1)
+    wait_for(lambda: coordinator.heartbeats, what="a heartbeat")
+    first = submit(stub, "sleep 1")
+    waiting = submit(stub, f"echo waited > {tmp_path / 'waited'}")
+    coordinator.heartbeats_unanswered = True
+    wait_for(lambda: coordinator.final(first), what="the first run's end")
+    assert coordinator.statuses(waiting) == []  # its slot is free, but the coordinator is silent
+    coordinator.heartbeats_unanswered = False
+    final = wait_for(lambda: coordinator.final(waiting), timeout=GIVE_BACK_S + 2, what="the waiting task's end")
+    assert final.status == Status.COMPLETED and final.started_at
+
+
+def test_a_cancelled_waiting_task_ends_cancelled_without_running(coordinator, worker, tmp_path):
+    _, stub = worker(slots=1, prefetch=1)
+    marker = tmp_path / "ran"
+    first = submit(stub, "sleep 3")
+    waiting = submit(stub, f"touch {marker}")
+    assert stub.CancelTask(distrack_pb2.CancelTaskRequest(task_id=waiting), timeout=5).found
+    final = wait_for(lambda: coordinator.final(waiting), timeout=2, what="the cancelled task's report")
+    assert final.status == Status.FAILED and final.cancelled
+    assert Status.INPROGRESS not in coordinator.statuses(waiting)
+    assert coordinator.final(first) is None and not marker.exists()
+
+
+def test_sigterm_gives_waiting_tasks_back_and_lets_the_running_one_finish(coordinator, worker, tmp_path):
+    service, stub = worker(slots=1, prefetch=1)
+    marker = tmp_path / "ran"
+    running = submit(stub, "sleep 0.8")
+    waiting = submit(stub, f"touch {marker}")
+    service.signal(signal.SIGTERM)
+    final = wait_for(lambda: coordinator.final(waiting), timeout=0.7, what="the waiting task back at once")
+    assert final.status == Status.RETURNED
+    assert service.proc.wait(20) == 0
+    assert coordinator.final(running).status == Status.COMPLETED and not marker.exists()
 
 
 def test_rejects_malformed_tasks(coordinator, worker):

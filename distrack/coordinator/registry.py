@@ -22,6 +22,7 @@ from distrack.db.store import LiveWorker
 class WorkerInfo:
     worker_id: str
     address: str
+    # How many tasks it takes at once: its slots, and its prefetch (tasks that wait there for a slot).
     slots: int
     # task id -> when this coordinator learned of it; a slot stays taken until the task's end.
     in_flight: dict[str, float] = field(default_factory=dict)

@@ -50,8 +50,9 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         stop: list[str] = []
         try:
             if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids,
-                                           listed):
-                log.info("worker %s joined at %s with %d slot(s)", request.worker_id, request.address, request.slots)
+                                           listed, max(request.prefetch, 0)):
+                log.info("worker %s joined at %s with %d slot(s) and %d to prefetch", request.worker_id,
+                         request.address, request.slots, request.prefetch)
             stop = self.store.runs_to_stop(request.worker_id, request.unfinished_task_ids)
             self._end_unlisted_runs(request)
         except DatabaseUnavailable as exc:
@@ -60,11 +61,12 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.on_db_failure()
             if self.registry.get(request.worker_id) is None:
                 return distrack_pb2.HeartbeatResponse()  # not on record: not dispatched to either
-        if self.registry.heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids):
+        takes = request.slots + max(request.prefetch, 0)
+        if self.registry.heartbeat(request.worker_id, request.address, takes, request.running_task_ids):
             self.wakeup.set()
         if stop:
             log.info("telling %s to stop %s", request.worker_id, ", ".join(stop))
-        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop)
+        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, worker_ttl_s=self.config.worker_ttl_s)
 
     def _end_unlisted_runs(self, request: distrack_pb2.HeartbeatRequest) -> None:
         grace_s = 2 * self.config.heartbeat_interval_s + 1.0
@@ -104,11 +106,13 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
     def _record_reports(self, updates: Sequence[distrack_pb2.TaskStatusUpdate],
                         context: grpc.ServicerContext) -> list[distrack_pb2.TaskStatusAck]:
         """Records a batch of reports in at most four statements (starts, cancelled starts, successes,
-        other ends); a malformed report is answered with its error and the rest still recorded."""
+        other ends) and one per task given back; a malformed report is answered with its error and the
+        rest still recorded."""
         acks: list[distrack_pb2.TaskStatusAck | None] = [None] * len(updates)
         starts: list[tuple[int, Attempt, float | None]] = []
         completions: list[tuple[int, Attempt, int, float | None]] = []
         failures: list[tuple[int, EndedAttempt]] = []
+        returns: list[tuple[int, Attempt]] = []
         for index, update in enumerate(updates):
             problem = _report_problem(update)
             if problem:
@@ -124,14 +128,16 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.registry.release(update.worker_id, update.task_id)
             if update.status == Status.COMPLETED:
                 completions.append((index, attempt, update.exit_code, started_at))
+            elif update.status == Status.RETURNED:
+                returns.append((index, attempt))
             else:
                 # Postgres text cannot hold NUL; the rest of the message is kept as the worker wrote it.
                 error = (update.error or f"exited with code {update.exit_code}").replace("\x00", "")
                 failures.append((index, EndedAttempt(attempt, error, update.exit_code, started_at)))
-        if completions or failures:
+        if completions or failures or returns:
             self.wakeup.set()
         try:
-            recorded = self._record(starts, completions, failures)
+            recorded = self._record(starts, completions, failures, returns)
         except DatabaseUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except DataRejected as exc:
@@ -146,7 +152,7 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
 
     def _record(self, starts: list[tuple[int, Attempt, float | None]],
                 completions: list[tuple[int, Attempt, int, float | None]],
-                failures: list[tuple[int, EndedAttempt]]) -> set[int]:
+                failures: list[tuple[int, EndedAttempt]], returns: list[tuple[int, Attempt]]) -> set[int]:
         """The indexes of the reports recorded. Starts go first: a batch may hold a task's start and
         its end."""
         recorded: set[int] = set()
@@ -164,6 +170,13 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if failures:
             ended = self.store.end_attempts([e for _, e in failures], self.config.retry_delay_s)
             recorded.update(i for i, e in failures if e.attempt.task_id in ended)
+        # Tasks a worker gives back before starting them (they waited too long for a slot there): back
+        # to the queue as if never claimed. Rare, so one statement each.
+        for index, attempt in returns:
+            if self.store.unclaim(attempt):
+                recorded.add(index)
+                log.info("worker %s gave %s back before starting it; back in the queue", attempt.worker_id,
+                         attempt.task_id)
         return recorded
 
 
@@ -172,7 +185,7 @@ def _report_problem(update: distrack_pb2.TaskStatusUpdate) -> str | None:
         return f"task_id {update.task_id[:100]!r} is not a UUID"
     if not update.worker_id or "\x00" in update.worker_id:
         return "a status report needs a worker_id (without NUL characters)"
-    if update.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED):
+    if update.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED, Status.RETURNED):
         return f"unknown task status {update.status}"
     return None
 

@@ -64,7 +64,7 @@ class EndedAttempt:
 class LiveWorker:
     worker_id: str
     address: str
-    slots: int
+    slots: int  # how many tasks it takes at once: its slots and its prefetch
     running: int
     active_task_ids: frozenset[str]
 
@@ -269,10 +269,11 @@ class TaskStore:
     # --- the coordinator's side: the shared worker registry
 
     def record_heartbeat(self, worker_id: str, address: str, slots: int, running: Sequence[str],
-                         unfinished: Sequence[str] = ()) -> bool:
+                         unfinished: Sequence[str] = (), prefetch: int = 0) -> bool:
         """Upserts the worker's row (with the tasks it holds: `unfinished`, UUIDs); True when it is new."""
         row = self._one("upsert_worker", {"worker_id": worker_id, "address": address, "slots": slots,
-                                          "running": len(running), "unfinished": list(unfinished)})
+                                          "prefetch": prefetch, "running": len(running),
+                                          "unfinished": list(unfinished)})
         return bool(row and row["joined"])
 
     def runs_to_stop(self, worker_id: str, running: Sequence[str]) -> list[str]:
@@ -284,7 +285,7 @@ class TaskStore:
     def live_workers(self, ttl_s: float) -> list[LiveWorker]:
         rows = self._all("live_workers", {"ttl_s": ttl_s})
         return [
-            LiveWorker(r["worker_id"], r["address"], r["slots"], r["running"],
+            LiveWorker(r["worker_id"], r["address"], r["takes"], r["running"],
                        frozenset(str(t) for t in r["active_task_ids"]))
             for r in rows
         ]

@@ -164,6 +164,18 @@ class CommandRun:
             return Outcome(128 - returncode, f"killed by {signal.Signals(-returncode).name}")
         return Outcome(returncode)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether stop() was called."""
+        with self._lock:
+            return self._stopped_because is not None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether it was stopped by a cancel."""
+        with self._lock:
+            return self._cancelled
+
     def stop(self, reason: str, *, cancelled: bool = False) -> None:
         """Ends the run early (TERM, then KILL), or keeps it from starting; `wait()` then reports
         `reason` as the error."""

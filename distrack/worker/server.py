@@ -1,7 +1,7 @@
 """The worker process: gRPC server, heartbeat thread and task threads, with one shutdown path.
 
 Concurrency: threads. SubmitTasks runs on the gRPC server's pool and returns at once; each accepted
-task runs on a thread of a pool of `slots`; one thread sends status reports, one heartbeats.
+task runs on a thread of a pool of `slots` + `prefetch`; one thread sends status reports, one heartbeats.
 """
 
 from __future__ import annotations
@@ -58,16 +58,20 @@ class Heartbeats:
                     worker_id=self.service.worker_id,
                     address=self.address,
                     slots=self.service.advertised_slots(),
+                    prefetch=self.service.advertised_prefetch(),
                     running_task_ids=self.service.running_task_ids(),
                     unfinished_task_ids=self.service.unfinished_task_ids(),
                 )
                 # Bounded so one slow answer does not push the next heartbeat late.
+                sent_at = time.monotonic()
                 reply = self.client.heartbeat(request, timeout_s=max(self.interval_s, 1.0))
                 if not reachable:
                     log.info("coordinator %s reachable again", self.client.target)
                 reachable = True
                 if reply.stop_task_ids:
                     self.service.stop_runs(list(reply.stop_task_ids), NOT_OWNER)
+                # Only now: a waiting task the coordinator just said to stop must not start first.
+                self.service.heard_from_coordinator(sent_at, reply.worker_ttl_s)
             except grpc.RpcError as exc:
                 if reachable:
                     log.warning("heartbeat to %s failed: %s", self.client.target, describe_rpc_error(exc))
@@ -99,14 +103,15 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
     # change directory for the child.
     os.chdir(task_env.task_dir)
     service = WorkerService(worker_id, config.slots, output_dir, reports, default_timeout_s=config.task_timeout_s,
-                            task_env=task_env)
+                            task_env=task_env, prefetch=config.prefetch)
     distrack_pb2_grpc.add_WorkerServicer_to_server(service, server)
     heartbeats = Heartbeats(client, service, address, config.heartbeat_interval_s)
     try:
         server.start()
         heartbeats.start()
-        log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s), output in %s",
-                 worker_id, port, address, ",".join(client.targets), config.slots, output_dir.resolve())
+        log.info("worker %s listening on port %d, advertised as %s, coordinator %s, %d slot(s) and %d to prefetch, "
+                 "output in %s", worker_id, port, address, ",".join(client.targets), config.slots, config.prefetch,
+                 output_dir.resolve())
         task_env.log_summary()
         freeze_startup_objects()
         wait_for_stop(stop)

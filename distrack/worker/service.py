@@ -1,15 +1,22 @@
-"""WorkerService: takes tasks from the coordinator while it has free slots and runs them.
+"""WorkerService: takes tasks from the coordinator while it has room and runs them.
 
-Each accepted task runs on a thread of a pool as large as the slots, and starts at once: the
-coordinator's committed claim (this worker, this lease) is what lets it run, and a dispatch is taken
-only before its call's deadline, which the coordinator's rescue counts on (see the dispatcher). The
-start report (INPROGRESS) then says when it started; if the coordinator refuses it (the attempt is no
-longer this worker's, or was cancelled), the run is stopped. When it ends, the slot is freed and the
-final report (COMPLETED or FAILED, with the start time too, in case the start report was lost) queued;
-the task stays "unfinished", and listed in heartbeats, until that report is settled. The slot is freed
-before the final report so the coordinator, which frees it on that report, never sees a slot it cannot
-use. A run is stopped early when it is cancelled, when a heartbeat says this worker no longer owns it,
-or when the worker shuts down; its final report still goes out and ends the attempt.
+A worker runs up to `slots` commands at once and takes up to `prefetch` more, which wait for a slot
+in the order they came. Prefetching keeps the slots busy while the coordinator records a finished
+task and sends the next one, and lets it send several at a time. A waiting task cannot start late
+behind long runs for long: the worker takes none to wait while any of its commands has run for
+LONG_RUN_S, and gives back (RETURNED: the coordinator puts it back in the queue, at no cost) one
+that has waited GIVE_BACK_S, or that waits when the worker starts to shut down.
+
+Each task has a thread of a pool, and a task that finds a free slot starts at once: the coordinator's
+committed claim (this worker, this lease) is what lets it run, and a dispatch is taken only before its
+call's deadline, which the coordinator's rescue counts on (see the dispatcher). The start report
+(INPROGRESS) then says when it started; if the coordinator refuses it (the attempt is no longer this
+worker's, or was cancelled), the run is stopped. When it ends, the slot is freed and the final report
+(COMPLETED or FAILED, with the start time too, in case the start report was lost) queued; the task
+stays "unfinished", and listed in heartbeats, until that report is settled. The slot is freed before
+the final report so the coordinator, which frees it on that report, never sees a slot it cannot use.
+A run is stopped early when it is cancelled, when a heartbeat says this worker no longer owns it, or
+when the worker shuts down; its final report still goes out and ends the attempt.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,11 @@ Refusal = distrack_pb2.Refusal
 NOT_OWNER = "stopped: the coordinator no longer assigns this attempt to this worker"
 SHUTDOWN = "stopped: the worker shut down before the task finished"
 START_REFUSED = "stopped: the coordinator did not record its start (cancelled, or no longer this worker's)"
+# A worker with a command running this long takes no task to wait for a slot: its slots may not
+# free soon.
+LONG_RUN_S = 0.5
+# A task that has waited this long for a slot goes back to the coordinator, for another worker.
+GIVE_BACK_S = 2.0
 # The status a single SubmitTask call fails with, for each reason a task is refused.
 REFUSAL_CODES = {
     Refusal.FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -57,24 +70,32 @@ class Run:
 class WorkerService(distrack_pb2_grpc.WorkerServicer):
     def __init__(
         self, worker_id: str, slots: int, output_dir: Path, reports: ReportBatcher,
-        *, default_timeout_s: float = 0.0, task_env: TaskEnvironment | None = None,
+        *, default_timeout_s: float = 0.0, task_env: TaskEnvironment | None = None, prefetch: int = 0,
     ) -> None:
         self.worker_id = worker_id
         # Never the worker's own environment, even when the caller gives no task environment. Tasks
         # run in the worker's working directory, which serve() makes the task directory.
         self.task_env = task_env or TaskEnvironment(Path.cwd())
         self.slots = slots
+        self.prefetch = max(prefetch, 0)
         self.output_dir = output_dir
         self.reports = reports
         self.default_timeout_s = default_timeout_s
         self._lock = threading.Lock()
+        # Taken and not ended: running, or waiting for a slot.
         self._runs: dict[str, Run] = {}
+        # The ones waiting, in the order they came; and how many slots are in use.
+        self._waiting: deque[str] = deque()
+        self._busy_slots = 0
+        self._slot_changed = threading.Condition(self._lock)
+        # Until when (monotonic) a waiting task may start: see heard_from_coordinator.
+        self._contact_until = 0.0
         # Tasks accepted whose final report is not settled yet (a superset of _runs): heartbeats
         # list them, so the coordinator can tell a report in flight from one that was lost.
         self._unfinished: set[str] = set()
         self._accepting = True
         self._idle = threading.Condition(self._lock)
-        self._threads = ThreadPoolExecutor(max(slots, 1), thread_name_prefix="task")
+        self._threads = ThreadPoolExecutor(max(slots + self.prefetch, 1), thread_name_prefix="task")
 
     # --- what the heartbeat says
 
@@ -91,6 +112,33 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         with self._lock:
             return self.slots if self._accepting else 0
 
+    def advertised_prefetch(self) -> int:
+        """How many tasks it would take now beyond its slots."""
+        with self._lock:
+            return self._prefetch_now()
+
+    def _prefetch_now(self) -> int:
+        """Holds _lock."""
+        if not self._accepting:
+            return 0
+        long_since = time.time() - LONG_RUN_S
+        if any(0 < run.started_at <= long_since for run in self._runs.values()):
+            return 0
+        return self.prefetch
+
+    def heard_from_coordinator(self, sent_at: float, worker_ttl_s: float) -> None:
+        """A heartbeat sent at `sent_at` (monotonic) was answered by a coordinator that declares a
+        worker lost after `worker_ttl_s` of silence (0: it has no record of this worker). A waiting task
+        starts only within half that ttl of the heartbeat: a worker cut off from its coordinators must
+        not start tasks that may already be rescued and running elsewhere. (A task that finds a free
+        slot as it is taken needs no such check: its dispatch's deadline bounds it; see the module
+        docstring.)"""
+        if worker_ttl_s <= 0:
+            return
+        with self._lock:
+            self._contact_until = max(self._contact_until, sent_at + worker_ttl_s / 2)
+            self._slot_changed.notify_all()
+
     # --- gRPC
 
     def SubmitTasks(self, request: distrack_pb2.TaskBatch, context: grpc.ServicerContext):
@@ -103,9 +151,10 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         return result
 
     def _accept(self, requests, expired: bool = False) -> list[distrack_pb2.TaskResponse]:  # noqa: ANN001 - a repeated TaskRequest
-        """Takes each task it has a slot for (none once the call's deadline has passed) and starts it."""
+        """Takes each task it has room for (none once the call's deadline has passed); starts the ones
+        that find a free slot, and queues the others for one."""
         results: list[distrack_pb2.TaskResponse] = []
-        accepted: list[tuple[str, Run]] = []
+        accepted: list[tuple[str, Run, bool]] = []
         with self._lock:
             for request in requests:
                 if expired:
@@ -117,15 +166,22 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                     run = Run(request.attempt, request.lease, self._command_run(task_id, request))
                     self._runs[task_id] = run
                     self._unfinished.add(task_id)
-                    accepted.append((task_id, run))
+                    slot_free = self._busy_slots < self.slots and not self._waiting
+                    if slot_free:
+                        self._busy_slots += 1
+                    else:
+                        self._waiting.append(task_id)
+                    accepted.append((task_id, run, slot_free))
                 results.append(distrack_pb2.TaskResponse(
                     task_id=request.task_id, accepted=refusal == Refusal.REFUSAL_UNSPECIFIED, refusal=refusal,
                     message=message or ""))
-        for n, (task_id, run) in enumerate(accepted):
+        for n, (task_id, run, slot_free) in enumerate(accepted):
             # The first one starts on this thread, with no hand-off between its dispatch and its start;
-            # the others start in parallel on their own threads. Each waits on its own thread.
-            start_error = self._start(task_id, run) if n == 0 else None
-            self._threads.submit(self._run, task_id, run, n == 0, start_error)
+            # the others start (or wait for a slot) in parallel on their own threads. Each waits on its own
+            # thread.
+            first = n == 0 and slot_free
+            start_error = self._start(task_id, run) if first else None
+            self._threads.submit(self._run, task_id, run, first, start_error, not slot_free)
         return results
 
     def _admit(self, request: distrack_pb2.TaskRequest) -> tuple[str, int, str | None]:
@@ -143,8 +199,9 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             return task_id, Refusal.OLDER_DISPATCH, f"still running an older dispatch of this task (lease {run.lease})"
         if not self._accepting:
             return task_id, Refusal.SHUTTING_DOWN, "worker is shutting down"
-        if len(self._runs) >= self.slots:
-            return task_id, Refusal.FULL, f"all {self.slots} slot(s) are busy"
+        if len(self._runs) >= self.slots + self._prefetch_now():
+            waiting = f" and {len(self._waiting)} task(s) wait for one" if self._waiting else ""
+            return task_id, Refusal.FULL, f"all {self.slots} slot(s) are busy{waiting}"
         return task_id, Refusal.REFUSAL_UNSPECIFIED, None
 
     def CancelTask(self, request: distrack_pb2.CancelTaskRequest, context: grpc.ServicerContext):
@@ -153,7 +210,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         if run is None:
             return distrack_pb2.CancelTaskResponse(found=False)
         log.info("cancelling %s", request.task_id)
-        run.command.stop("cancelled", cancelled=True)
+        self._stop_run(run, "cancelled", cancelled=True)
         return distrack_pb2.CancelTaskResponse(found=True)
 
     # --- stopping runs
@@ -163,11 +220,18 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             runs = [(t, self._runs[t]) for t in task_ids if t in self._runs]
         for task_id, run in runs:
             log.warning("stopping %s: %s", task_id, reason)
-            run.command.stop(reason)
+            self._stop_run(run, reason)
+
+    def _stop_run(self, run: Run, reason: str, *, cancelled: bool = False) -> None:
+        run.command.stop(reason, cancelled=cancelled)
+        with self._lock:
+            self._slot_changed.notify_all()  # a run waiting for a slot waits no more
 
     def stop_accepting(self) -> None:
+        """Takes no more tasks; the ones waiting for a slot go back to the coordinator."""
         with self._lock:
             self._accepting = False
+            self._slot_changed.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Waits until every accepted task has run and been reported; False if not within `timeout_s`."""
@@ -212,9 +276,14 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             log.exception("task %s could not be started", task_id)
             return Outcome(1, f"worker error: {exc}")
 
-    def _run(self, task_id: str, run: Run, started: bool = False, start_error: Outcome | None = None) -> None:
-        """Starts the task (unless `started`, with `start_error` as that start's result), waits for it,
-        frees its slot and queues its final report."""
+    def _run(self, task_id: str, run: Run, started: bool = False, start_error: Outcome | None = None,
+             waits: bool = False) -> None:
+        """Waits for a slot when `waits` (or gives the task back), starts the task (unless `started`,
+        with `start_error` as that start's result), waits for it, frees its slot and queues its final
+        report."""
+        if waits and not self._take_slot(task_id, run):
+            self._give_back(task_id, run)
+            return
         outcome: Outcome | None = None
         try:
             outcome = start_error if started else self._start(task_id, run)
@@ -229,17 +298,52 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         finally:
             with self._lock:
                 self._runs.pop(task_id, None)
+                self._busy_slots -= 1
+                self._slot_changed.notify_all()
             if outcome is None:
                 self._finished(task_id)
             else:
                 status = Status.COMPLETED if outcome.succeeded else Status.FAILED
-                try:
-                    final = self.reports.submit([self._update(task_id, run, status, outcome)])[0]
-                except Exception:  # the reporter was closed (shutdown): nothing more can be said
-                    log.error("could not queue the %s report for %s", Status.Name(status), task_id)
-                    self._finished(task_id)
+                self._report_end(task_id, run, status, outcome)
+
+    def _take_slot(self, task_id: str, run: Run) -> bool:
+        """Waits until the task is first in line, a slot is free and the coordinator was heard from
+        recently (heard_from_coordinator), and takes the slot; False when it goes back instead: it waited
+        GIVE_BACK_S, the worker is shutting down, or it was stopped for any reason but a cancel (a
+        cancelled one takes the slot, to end at once without starting)."""
+        give_back_at = time.monotonic() + GIVE_BACK_S
+        with self._lock:
+            while True:
+                cancelled = run.command.cancelled
+                if cancelled or (not run.command.stopped and self._accepting and self._waiting[0] == task_id
+                                 and self._busy_slots < self.slots and time.monotonic() < self._contact_until):
+                    take = True
+                elif run.command.stopped or not self._accepting or time.monotonic() >= give_back_at:
+                    take = False
                 else:
-                    final.add_done_callback(lambda f: self._final_settled(task_id, status, f))
+                    self._slot_changed.wait(give_back_at - time.monotonic())
+                    continue
+                self._waiting.remove(task_id)
+                if take:
+                    self._busy_slots += 1
+                self._slot_changed.notify_all()  # the next in line may be first now
+                return take
+
+    def _give_back(self, task_id: str, run: Run) -> None:
+        """Hands a task that never started back to the coordinator."""
+        with self._lock:
+            self._runs.pop(task_id, None)
+        log.info("giving %s back: it waited for a slot", task_id)
+        self._report_end(task_id, run, Status.RETURNED)
+
+    def _report_end(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None) -> None:
+        try:
+            final = self.reports.submit([self._update(task_id, run, status, outcome)])[0]
+        except Exception:  # the reporter was closed (shutdown): nothing more can be said
+            log.error("could not queue the %s report for %s", Status.Name(status), task_id)
+            self._finished(task_id)
+        else:
+            final.add_done_callback(lambda f: self._final_settled(task_id, status, f))
 
     def _start_settled(self, task_id: str, run: Run, report: Future) -> None:
         """A refused start means the run is not (or no longer) this worker's: it is stopped. A start

@@ -227,14 +227,16 @@ def compose(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ComposeC
 
 
 def w1_snapshot(conn: psycopg.Connection, worker_id: str, task_ids: list[str]) -> dict:
-    """Tasks held by worker-1 now, the age of its oldest run, and how many are still queued."""
+    """Tasks held by worker-1 now, the age of its oldest run, and how many others have not started."""
     rows = conn.execute(
         "SELECT id::text, status, EXTRACT(EPOCH FROM clock_timestamp() - started_at)::float8 FROM tasks "
         "WHERE id = ANY(%s::uuid[]) AND worker_id = %s AND status IN ('picked', 'running')",
         (task_ids, worker_id),
     ).fetchall()
+    # Not started yet, nor held by worker-1: in the queue, or waiting on another worker for a slot.
     (queued,) = conn.execute(
-        "SELECT count(*) FROM tasks WHERE id = ANY(%s::uuid[]) AND status = 'queued'", (task_ids,)
+        "SELECT count(*) FROM tasks WHERE id = ANY(%s::uuid[]) AND (status = 'queued' OR "
+        "(status = 'picked' AND worker_id <> %s))", (task_ids, worker_id),
     ).fetchone()
     running = {r[0] for r in rows if r[1] == "running"}
     ages = [r[2] for r in rows if r[1] == "running" and r[2] is not None]
