@@ -84,10 +84,12 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         self._lock = threading.Lock()
         # Taken and not ended: running, or waiting for a slot.
         self._runs: dict[str, Run] = {}
-        # The ones waiting, in the order they came; and how many slots are in use.
+        # The ones waiting, in the order they came, each woken on its own (only the first in line can
+        # take a freed slot: waking them all for every slot would cost a thread switch each); and how
+        # many slots are in use.
         self._waiting: deque[str] = deque()
+        self._turns: dict[str, threading.Condition] = {}
         self._busy_slots = 0
-        self._slot_changed = threading.Condition(self._lock)
         # Until when (monotonic) a waiting task may start: see heard_from_coordinator.
         self._contact_until = 0.0
         # Tasks accepted whose final report is not settled yet (a superset of _runs): heartbeats
@@ -137,7 +139,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             return
         with self._lock:
             self._contact_until = max(self._contact_until, sent_at + worker_ttl_s / 2)
-            self._slot_changed.notify_all()
+            self._wake_first()
 
     # --- gRPC
 
@@ -171,6 +173,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                         self._busy_slots += 1
                     else:
                         self._waiting.append(task_id)
+                        self._turns[task_id] = threading.Condition(self._lock)
                     accepted.append((task_id, run, slot_free))
                 results.append(distrack_pb2.TaskResponse(
                     task_id=request.task_id, accepted=refusal == Refusal.REFUSAL_UNSPECIFIED, refusal=refusal,
@@ -210,7 +213,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         if run is None:
             return distrack_pb2.CancelTaskResponse(found=False)
         log.info("cancelling %s", request.task_id)
-        self._stop_run(run, "cancelled", cancelled=True)
+        self._stop_run(request.task_id, run, "cancelled", cancelled=True)
         return distrack_pb2.CancelTaskResponse(found=True)
 
     # --- stopping runs
@@ -220,18 +223,20 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             runs = [(t, self._runs[t]) for t in task_ids if t in self._runs]
         for task_id, run in runs:
             log.warning("stopping %s: %s", task_id, reason)
-            self._stop_run(run, reason)
+            self._stop_run(task_id, run, reason)
 
-    def _stop_run(self, run: Run, reason: str, *, cancelled: bool = False) -> None:
+    def _stop_run(self, task_id: str, run: Run, reason: str, *, cancelled: bool = False) -> None:
         run.command.stop(reason, cancelled=cancelled)
         with self._lock:
-            self._slot_changed.notify_all()  # a run waiting for a slot waits no more
+            if (turn := self._turns.get(task_id)) is not None:
+                turn.notify()  # it waits for a slot no more
 
     def stop_accepting(self) -> None:
         """Takes no more tasks; the ones waiting for a slot go back to the coordinator."""
         with self._lock:
             self._accepting = False
-            self._slot_changed.notify_all()
+            for turn in self._turns.values():
+                turn.notify()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Waits until every accepted task has run and been reported; False if not within `timeout_s`."""
@@ -299,7 +304,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             with self._lock:
                 self._runs.pop(task_id, None)
                 self._busy_slots -= 1
-                self._slot_changed.notify_all()
+                self._wake_first()
             if outcome is None:
                 self._finished(task_id)
             else:
@@ -321,13 +326,19 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                 elif run.command.stopped or not self._accepting or time.monotonic() >= give_back_at:
                     take = False
                 else:
-                    self._slot_changed.wait(give_back_at - time.monotonic())
+                    self._turns[task_id].wait(give_back_at - time.monotonic())
                     continue
                 self._waiting.remove(task_id)
+                del self._turns[task_id]
                 if take:
                     self._busy_slots += 1
-                self._slot_changed.notify_all()  # the next in line may be first now
+                self._wake_first()  # the next in line may go now
                 return take
+
+    def _wake_first(self) -> None:
+        """Wakes the first task in line, which may take a free slot now. Holds _lock."""
+        if self._waiting:
+            self._turns[self._waiting[0]].notify()
 
     def _give_back(self, task_id: str, run: Run) -> None:
         """Hands a task that never started back to the coordinator."""
