@@ -154,7 +154,7 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
         type=_count,
         default=None,
         help="tasks a worker takes beyond its slots, each to start as a slot frees: keeps the slots busy "
-        "between dispatches; it refuses more (default: twice --slots; 0 takes none)",
+        "between dispatches; it refuses more (default: four times --slots; 0 takes none)",
     )
 
 
