@@ -63,14 +63,20 @@ def _positive(kind: type):  # noqa: ANN202
     return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+def _tasks_per_worker(minimum: int):  # noqa: ANN202
+    """A number of tasks a worker holds (--slots, --prefetch): heartbeats carry it as a 32-bit integer,
+    and each is a thread."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not minimum <= value <= cfg.MAX_TASKS_PER_WORKER:
+            raise argparse.ArgumentTypeError(f"{text!r} must be from {minimum} to {cfg.MAX_TASKS_PER_WORKER:,}")
+        return value
+
+    return parse
 
 
 def _non_negative(text: str) -> float:
@@ -144,14 +150,14 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser,
         "slots",
-        type=_positive(int),
+        type=_tasks_per_worker(1),
         default=cfg.DEFAULT_SLOTS,
         help="tasks a worker runs at once (default %(default)s)",
     )
     _flag(
         parser,
         "prefetch",
-        type=_count,
+        type=_tasks_per_worker(0),
         default=None,
         help="tasks a worker takes beyond its slots, each to start as a slot frees: keeps the slots busy "
         "between dispatches; it refuses more (default: four times --slots; 0 takes none)",

@@ -31,6 +31,8 @@ DEFAULT_SLOTS = 5
 # under load, lingers included. Measured end to end (3 workers x 5 slots, `echo hello`): 0.50-0.55 of
 # the bash reference with 2, 0.61-0.69 with 4, 0.65 with 6.
 PREFETCH_PER_SLOT = 4
+# The most tasks a worker may run, or take beyond its slots: each is a thread of the worker's.
+MAX_TASKS_PER_WORKER = 10_000
 # Batching under load, on both ends of the dispatch: after a claim (coordinator) or a report call
 # (worker) less than BUSY_WINDOW_S ago, the next one waits up to LINGER_S to gather more, since a call
 # or a statement costs far more CPU than another task in it. An idle service sends at once, so a lone
@@ -180,7 +182,7 @@ class CoordinatorConfig:
 
 
 def default_prefetch(slots: int) -> int:
-    return slots * PREFETCH_PER_SLOT
+    return min(slots * PREFETCH_PER_SLOT, MAX_TASKS_PER_WORKER)
 
 
 @dataclass(frozen=True)

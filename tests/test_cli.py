@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from distrack.cli import build_parser
-from distrack.config import Address
+from distrack.config import Address, default_prefetch
 
 
 @pytest.mark.parametrize(
@@ -49,11 +49,23 @@ def test_worker_defaults_match_the_seed():
     assert (args.output_dir, args.slots) == ("worker_output", 5)
 
 
+def test_prefetch_is_four_tasks_per_slot_unless_given():
+    assert build_parser().parse_args(["worker"]).prefetch is None  # four times --slots, when it starts
+    assert default_prefetch(3) == 12 and default_prefetch(10_000) == 10_000
+    assert build_parser().parse_args(["worker", "--prefetch=0"]).prefetch == 0
+    assert build_parser().parse_args(["up", "--prefetch=7"]).prefetch == 7
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["worker", "--worker_port=abc"],
         ["worker", "--slots=0"],
+        ["worker", "--slots=10001"],
+        ["worker", "--prefetch=-1"],
+        ["worker", "--prefetch=two"],
+        ["worker", "--prefetch=10001"],
+        ["up", "--prefetch=-1"],
         ["worker", "--coordinator=:0"],
         ["coordinator", "--poll_interval_s=-1"],
         ["scheduler", "--scheduler_port=70000"],
