@@ -6,7 +6,7 @@
 -- owner in its WHERE clause, so a late, repeated or stale dispatch, report or rescue changes nothing.
 -- `attempts` counts runs that started (a start report, or a final report carrying the start), so a
 -- dispatch that never started costs none. Claims commit durably: a worker runs what it is dispatched
--- at once, so the claim is what must never be lost.
+-- at once (or, when its slots are full, as one frees), so the claim is what must never be lost.
 
 -- insert_task --
 INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)

@@ -331,13 +331,15 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
         self.deny_start: set[str] = set()  # tasks whose INPROGRESS is answered "not recorded"
         self.worker_ttl_s = 3 * TEST_HEARTBEAT_S  # what a real coordinator with the test heartbeat says
         self.heartbeats_unanswered = False  # as if the worker were cut off from it (reports still pass)
+        self.stop_task_ids: set[str] = set()  # runs every heartbeat answer tells the worker to stop
 
     def Heartbeat(self, request, context):
         with self.lock:
             if self.heartbeats_unanswered:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "unreachable (test)")
             self.heartbeats.append(request)
-        return distrack_pb2.HeartbeatResponse(worker_ttl_s=self.worker_ttl_s)
+            stop = sorted(self.stop_task_ids)
+        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, worker_ttl_s=self.worker_ttl_s)
 
     def ReportTasks(self, request, context):
         # Refused or recorded as a whole, like a coordinator whose database is down or up.

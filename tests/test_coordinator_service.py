@@ -47,10 +47,13 @@ class Served:
         return self.stub.UpdateTaskStatus(update, timeout=5).recorded
 
     def heartbeat(self, worker_id: str, running=(), unfinished=(), slots: int = 5, prefetch: int = 0) -> list[str]:
-        reply = self.stub.Heartbeat(distrack_pb2.HeartbeatRequest(
+        return list(self.heartbeat_reply(worker_id, running, unfinished, slots, prefetch).stop_task_ids)
+
+    def heartbeat_reply(self, worker_id: str, running=(), unfinished=(), slots: int = 5, prefetch: int = 0
+                        ) -> distrack_pb2.HeartbeatResponse:
+        return self.stub.Heartbeat(distrack_pb2.HeartbeatRequest(
             worker_id=worker_id, address=f"{worker_id}:1", slots=slots, running_task_ids=list(running),
             unfinished_task_ids=list(unfinished), prefetch=prefetch), timeout=5)
-        return list(reply.stop_task_ids)
 
 
 @pytest.fixture
@@ -110,6 +113,19 @@ def test_a_task_given_back_before_it_started_is_queued_again_at_no_cost(served, 
     assert again.task_id == tid and again.lease > a.lease
 
 
+def test_a_task_given_back_after_its_cancel_was_asked_ends_cancelled(served, store):
+    tid = store.insert_task("echo", 0)["id"]
+    a = claim(store)
+    store.cancel_task(tid)  # the worker, told to stop it while it waited for a slot, gives it back
+    assert served.report(a, Status.RETURNED) is True
+    row = store.get_task(tid)
+    assert row["status"] == "cancelled" and row["attempts"] == 0 and row["started_at"] is None
+
+
+def test_a_recorded_heartbeat_tells_the_worker_its_ttl(served):
+    assert served.heartbeat_reply("w1").worker_ttl_s == pytest.approx(0.2 * 3)
+
+
 def test_a_workers_prefetch_counts_as_room_for_tasks(served, store):
     served.heartbeat("w1", slots=2, prefetch=3)
     assert served.registry.free_slots() == 5
@@ -149,6 +165,11 @@ def test_a_heartbeat_that_cannot_be_recorded_holds_back_the_rescue(db_url):
         assert s.heartbeat("w1") == []
         assert s.db_failures == 1
         assert s.registry.get("w1") is None  # not on record, so not dispatched to
+        # Known from before the outage: still dispatched to, but no ttl, so it starts no task that
+        # waits for a slot on the strength of a heartbeat the database never saw.
+        s.registry.heartbeat("w1", "w1:1", 5)
+        reply = s.heartbeat_reply("w1")
+        assert s.db_failures == 2 and s.registry.get("w1") is not None and reply.worker_ttl_s == 0
     finally:
         s.close()
         pool.close()

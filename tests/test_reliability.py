@@ -96,6 +96,24 @@ def test_cancel_a_running_task_kills_its_process_group(stack, tmp_path):
         wait_for(marker.exists, timeout=3.5)
 
 
+def test_cancel_a_task_waiting_on_its_worker_for_a_slot_ends_it_cancelled_without_running(cluster, tmp_path):
+    cluster.coordinator()
+    cluster.worker("--prefetch=1", slots=1)
+    cluster.scheduler()
+    cluster.wait_joined(1)
+    api = Api(cluster.url)
+    first = api.schedule("sleep 5")["task_id"]
+    wait_for(lambda: api.status(first)["status"] == "running", what="the first task to start")
+    marker = tmp_path / "ran"
+    waiting = api.schedule(f"touch {marker}")["task_id"]
+    wait_for(lambda: api.status(waiting)["status"] == "picked", what="the second task taken, to wait for the slot")
+    status, _ = api.request("POST", f"/tasks/{waiting}/cancel")
+    assert status == 202
+    final = api.wait_final(waiting, timeout=3)  # given back at once, and ended cancelled: no 30 s wait
+    assert final["status"] == "cancelled" and final["attempts"] == 0 and "started_at" not in final
+    assert api.status(first)["status"] == "running" and not marker.exists()
+
+
 def test_cancel_a_finished_task_is_409(stack):
     api = Api(stack.url)
     task = api.schedule("true")

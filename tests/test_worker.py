@@ -223,16 +223,71 @@ def test_a_waiting_task_starts_once_heartbeats_are_answered_again(coordinator, w
     assert final.status == Status.COMPLETED and final.started_at
 
 
-def test_a_cancelled_waiting_task_ends_cancelled_without_running(coordinator, worker, tmp_path):
+def test_a_cancelled_waiting_task_is_given_back_without_running(coordinator, worker, tmp_path):
+    # Given back, it is unclaimed; with its cancel asked, the coordinator ends it cancelled (tested there).
     _, stub = worker(slots=1, prefetch=1)
     marker = tmp_path / "ran"
     first = submit(stub, "sleep 3")
     waiting = submit(stub, f"touch {marker}")
     assert stub.CancelTask(distrack_pb2.CancelTaskRequest(task_id=waiting), timeout=5).found
-    final = wait_for(lambda: coordinator.final(waiting), timeout=2, what="the cancelled task's report")
-    assert final.status == Status.FAILED and final.cancelled
-    assert Status.INPROGRESS not in coordinator.statuses(waiting)
+    final = wait_for(lambda: coordinator.final(waiting), timeout=1, what="the cancelled task back at once")
+    assert final.status == Status.RETURNED and not final.started_at
+    assert coordinator.statuses(waiting) == [Status.RETURNED]
     assert coordinator.final(first) is None and not marker.exists()
+    submit(stub, "echo next")  # its place in line is free again
+
+
+def test_a_task_given_back_and_sent_again_stays_listed_until_its_new_run_is_reported(coordinator, worker):
+    # The report that gave it back is settled after the same task came again with a new lease: the
+    # new run must still be listed as unfinished, or the coordinator would end it as lost.
+    _, stub = worker(slots=1, prefetch=1)
+    first = submit(stub, "sleep 30")
+    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(first), what="the first run's start report")
+    task = submit(stub, "sleep 30", lease=7)
+    coordinator.refuse_reports = 10**6  # the give-back report stays unsettled, and is retried
+    coordinator.stop_task_ids.add(task)  # "no longer yours": it waits, so it goes back at once
+    wait_for(lambda: coordinator.refused, what="the give-back report's first try")
+    coordinator.stop_task_ids.clear()
+    submit(stub, "sleep 30", lease=8, task_id=task)  # sent again, to wait for the slot again
+    coordinator.refuse_reports = 0
+    returned = wait_for(lambda: coordinator.final(task), timeout=10, what="the give-back report delivered")
+    assert returned.status == Status.RETURNED and returned.lease == 7
+    settled = len(coordinator.heartbeats)
+    hb = wait_for(lambda: coordinator.heartbeats[-1] if len(coordinator.heartbeats) > settled + 1 else None,
+                  what="heartbeats after the report was settled")
+    assert task in hb.unfinished_task_ids and task in hb.running_task_ids
+
+
+def test_a_batch_starts_what_finds_a_slot_and_the_rest_in_the_order_it_came(coordinator, worker, tmp_path):
+    _, stub = worker(slots=2, prefetch=3)
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    log = tmp_path / "order"
+    batch = distrack_pb2.TaskBatch(tasks=[
+        distrack_pb2.TaskRequest(task_id=t, command=f"echo {n} >> {log}; sleep 0.3", attempt=1, lease=7)
+        for n, t in enumerate(ids)])
+    reply = stub.SubmitTasks(batch, timeout=5)
+    assert [r.accepted for r in reply.results] == [True] * 5
+    finals = [wait_for(lambda t=t: coordinator.final(t), timeout=10, what="every task's end") for t in ids]
+    assert all(f.status == Status.COMPLETED for f in finals)
+    begun = sorted((started_at(coordinator, t), n) for n, t in enumerate(ids))
+    assert {n for _, n in begun[:2]} == {0, 1}  # the two that found a slot, at once
+    assert [n for _, n in begun[2:]] == [2, 3, 4]  # then the waiting ones, first come first started
+    assert begun[2][0] >= begun[0][0] + 0.3  # each once a slot was free: never three at once
+    assert log.read_text().split()[2:] == ["2", "3", "4"]
+
+
+def test_a_waiting_task_that_cannot_start_frees_its_slot_for_the_next(coordinator, worker, tmp_path):
+    _, stub = worker(slots=1, prefetch=2)
+    worker_id = wait_for(lambda: coordinator.heartbeats[-1].worker_id, what="the worker's id")
+    first = submit(stub, "sleep 0.5")
+    broken = str(uuid.uuid4())
+    (tmp_path / "out" / f"{worker_id}_{broken}.txt").mkdir(parents=True)  # its output file cannot be opened
+    submit(stub, "echo never", task_id=broken)
+    after = submit(stub, "echo after")
+    failed = wait_for(lambda: coordinator.final(broken), timeout=5, what="the broken task's end")
+    assert failed.status == Status.FAILED and failed.exit_code == 127 and "could not start" in failed.error
+    assert wait_for(lambda: coordinator.final(after), timeout=5, what="the next one's end").status == Status.COMPLETED
+    assert coordinator.final(first).status == Status.COMPLETED
 
 
 def test_sigterm_gives_waiting_tasks_back_and_lets_the_running_one_finish(coordinator, worker, tmp_path):

@@ -14,7 +14,8 @@ its queries:
 The answers of the calls, the passing on of refused tasks and the CancelTask calls run on a small
 thread pool, so one slow worker never holds up the others.
 
-A worker starts what it takes at once: the committed claim (worker and lease) is what lets it run.
+A worker starts what it takes at once, or as a slot frees when it takes the task to wait for one (its
+prefetch): the committed claim (worker and lease) is what lets it run.
 So a task moves to another worker only on an answer that says the first did not take it (a refusal,
 or a call that never reached it). After a call that may have reached the worker (a timeout, a
 connection lost mid-call) the task stays that worker's: it runs there, or the worker's heartbeats

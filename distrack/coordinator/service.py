@@ -48,6 +48,9 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if any(_uuid_or_none(t) is None for t in listed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids and unfinished_task_ids must be UUIDs")
         stop: list[str] = []
+        # Told to the worker only when its heartbeat is on record and its runs checked: it starts tasks
+        # waiting for a slot only within that ttl (see HeartbeatResponse in the proto).
+        ttl_s = 0.0
         try:
             if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids,
                                            listed, max(request.prefetch, 0)):
@@ -55,6 +58,7 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                          request.address, request.slots, request.prefetch)
             stop = self.store.runs_to_stop(request.worker_id, request.unfinished_task_ids)
             self._end_unlisted_runs(request)
+            ttl_s = self.config.worker_ttl_s
         except DatabaseUnavailable as exc:
             # The worker is alive all the same; the rescue waits for the database to be back a while.
             log.warning("heartbeat of %s not recorded: %s", request.worker_id, exc)
@@ -66,7 +70,7 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.wakeup.set()
         if stop:
             log.info("telling %s to stop %s", request.worker_id, ", ".join(stop))
-        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, worker_ttl_s=self.config.worker_ttl_s)
+        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, worker_ttl_s=ttl_s)
 
     def _end_unlisted_runs(self, request: distrack_pb2.HeartbeatRequest) -> None:
         grace_s = 2 * self.config.heartbeat_interval_s + 1.0
@@ -170,13 +174,14 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if failures:
             ended = self.store.end_attempts([e for _, e in failures], self.config.retry_delay_s)
             recorded.update(i for i, e in failures if e.attempt.task_id in ended)
-        # Tasks a worker gives back before starting them (they waited too long for a slot there): back
-        # to the queue as if never claimed. Rare, so one statement each.
+        # Tasks a worker gives back before starting them (they waited too long for a slot there, or were
+        # stopped): back to the queue as if never claimed, or cancelled. Rare, so one statement each.
         for index, attempt in returns:
             if self.store.unclaim(attempt):
                 recorded.add(index)
-                log.info("worker %s gave %s back before starting it; back in the queue", attempt.worker_id,
-                         attempt.task_id)
+                log.info("worker %s gave %s back before starting it", attempt.worker_id, attempt.task_id)
+        if returns:
+            self.wakeup.set()  # again: the tasks can be claimed only now
         return recorded
 
 

@@ -165,16 +165,10 @@ class CommandRun:
         return Outcome(returncode)
 
     @property
-    def stopped(self) -> bool:
-        """Whether stop() was called."""
+    def stop_reason(self) -> str | None:
+        """Why stop() was called, if it was."""
         with self._lock:
-            return self._stopped_because is not None
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether it was stopped by a cancel."""
-        with self._lock:
-            return self._cancelled
+            return self._stopped_because
 
     def stop(self, reason: str, *, cancelled: bool = False) -> None:
         """Ends the run early (TERM, then KILL), or keeps it from starting; `wait()` then reports

@@ -70,7 +70,7 @@ class Heartbeats:
                 reachable = True
                 if reply.stop_task_ids:
                     self.service.stop_runs(list(reply.stop_task_ids), NOT_OWNER)
-                # Only now: a waiting task the coordinator just said to stop must not start first.
+                # After the stops: a waiting task this answer says to stop is not started on its strength.
                 self.service.heard_from_coordinator(sent_at, reply.worker_ttl_s)
             except grpc.RpcError as exc:
                 if reachable:

@@ -4,8 +4,10 @@ A worker runs up to `slots` commands at once and takes up to `prefetch` more, wh
 in the order they came. Prefetching keeps the slots busy while the coordinator records a finished
 task and sends the next one, and lets it send several at a time. A waiting task cannot start late
 behind long runs for long: the worker takes none to wait while any of its commands has run for
-LONG_RUN_S, and gives back (RETURNED: the coordinator puts it back in the queue, at no cost) one
-that has waited GIVE_BACK_S, or that waits when the worker starts to shut down.
+LONG_RUN_S, and gives back (RETURNED: the coordinator puts it back in the queue, at no cost, or
+ends it cancelled if that was asked) one that has waited GIVE_BACK_S, one that is stopped while it
+waits (cancelled, or no longer this worker's), and those that wait when the worker starts to shut
+down. A waiting task starts only while the coordinator answers heartbeats (heard_from_coordinator).
 
 Each task has a thread of a pool, and a task that finds a free slot starts at once: the coordinator's
 committed claim (this worker, this lease) is what lets it run, and a dispatch is taken only before its
@@ -92,9 +94,11 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         self._busy_slots = 0
         # Until when (monotonic) a waiting task may start: see heard_from_coordinator.
         self._contact_until = 0.0
-        # Tasks accepted whose final report is not settled yet (a superset of _runs): heartbeats
-        # list them, so the coordinator can tell a report in flight from one that was lost.
-        self._unfinished: set[str] = set()
+        # Tasks accepted whose final report is not settled yet (a superset of _runs), with the lease of
+        # that report: heartbeats list them, so the coordinator can tell a report in flight from one
+        # that was lost. (A task given back may come again, with a new lease, before the report that
+        # gave it back is settled: settling that one must not drop the new run.)
+        self._unfinished: dict[str, int] = {}
         self._accepting = True
         self._idle = threading.Condition(self._lock)
         self._threads = ThreadPoolExecutor(max(slots + self.prefetch, 1), thread_name_prefix="task")
@@ -167,7 +171,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                 if refusal == Refusal.REFUSAL_UNSPECIFIED and message is None:
                     run = Run(request.attempt, request.lease, self._command_run(task_id, request))
                     self._runs[task_id] = run
-                    self._unfinished.add(task_id)
+                    self._unfinished[task_id] = request.lease
                     slot_free = self._busy_slots < self.slots and not self._waiting
                     if slot_free:
                         self._busy_slots += 1
@@ -286,8 +290,9 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         """Waits for a slot when `waits` (or gives the task back), starts the task (unless `started`,
         with `start_error` as that start's result), waits for it, frees its slot and queues its final
         report."""
-        if waits and not self._take_slot(task_id, run):
-            self._give_back(task_id, run)
+        if waits and (why := self._take_slot(task_id, run)) is not None:
+            log.info("giving %s back before starting it: %s", task_id, why)
+            self._report_end(task_id, run, Status.RETURNED)
             return
         outcome: Outcome | None = None
         try:
@@ -302,59 +307,56 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             outcome = Outcome(1, f"worker error: {exc}")
         finally:
             with self._lock:
-                self._runs.pop(task_id, None)
+                if self._runs.get(task_id) is run:
+                    del self._runs[task_id]
                 self._busy_slots -= 1
                 self._wake_first()
             if outcome is None:
-                self._finished(task_id)
+                self._finished(task_id, run.lease)
             else:
                 status = Status.COMPLETED if outcome.succeeded else Status.FAILED
                 self._report_end(task_id, run, status, outcome)
 
-    def _take_slot(self, task_id: str, run: Run) -> bool:
+    def _take_slot(self, task_id: str, run: Run) -> str | None:
         """Waits until the task is first in line, a slot is free and the coordinator was heard from
-        recently (heard_from_coordinator), and takes the slot; False when it goes back instead: it waited
-        GIVE_BACK_S, the worker is shutting down, or it was stopped for any reason but a cancel (a
-        cancelled one takes the slot, to end at once without starting)."""
+        recently (heard_from_coordinator), and takes the slot (None); or says why the task goes back
+        instead, taken off this worker's runs: it was stopped (cancelled, no longer this worker's), the
+        worker is shutting down, or it waited GIVE_BACK_S. A task given back never ran, so the
+        coordinator puts it back in the queue at no cost, or ends it cancelled if that was asked."""
         give_back_at = time.monotonic() + GIVE_BACK_S
         with self._lock:
             while True:
-                cancelled = run.command.cancelled
-                if cancelled or (not run.command.stopped and self._accepting and self._waiting[0] == task_id
-                                 and self._busy_slots < self.slots and time.monotonic() < self._contact_until):
-                    take = True
-                elif run.command.stopped or not self._accepting or time.monotonic() >= give_back_at:
-                    take = False
-                else:
+                why = run.command.stop_reason
+                if why is None and not self._accepting:
+                    why = "the worker is shutting down"
+                if why is None and self._waiting[0] == task_id and self._busy_slots < self.slots \
+                        and time.monotonic() < self._contact_until:
+                    self._busy_slots += 1
+                elif why is None and time.monotonic() < give_back_at:
                     self._turns[task_id].wait(give_back_at - time.monotonic())
                     continue
+                else:
+                    why = why or f"it waited {GIVE_BACK_S:g} s for a slot"
+                    if self._runs.get(task_id) is run:
+                        del self._runs[task_id]
                 self._waiting.remove(task_id)
                 del self._turns[task_id]
-                if take:
-                    self._busy_slots += 1
                 self._wake_first()  # the next in line may go now
-                return take
+                return why
 
     def _wake_first(self) -> None:
         """Wakes the first task in line, which may take a free slot now. Holds _lock."""
         if self._waiting:
             self._turns[self._waiting[0]].notify()
 
-    def _give_back(self, task_id: str, run: Run) -> None:
-        """Hands a task that never started back to the coordinator."""
-        with self._lock:
-            self._runs.pop(task_id, None)
-        log.info("giving %s back: it waited for a slot", task_id)
-        self._report_end(task_id, run, Status.RETURNED)
-
     def _report_end(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None) -> None:
         try:
             final = self.reports.submit([self._update(task_id, run, status, outcome)])[0]
         except Exception:  # the reporter was closed (shutdown): nothing more can be said
             log.error("could not queue the %s report for %s", Status.Name(status), task_id)
-            self._finished(task_id)
+            self._finished(task_id, run.lease)
         else:
-            final.add_done_callback(lambda f: self._final_settled(task_id, status, f))
+            final.add_done_callback(lambda f: self._final_settled(task_id, run.lease, status, f))
 
     def _start_settled(self, task_id: str, run: Run, report: Future) -> None:
         """A refused start means the run is not (or no longer) this worker's: it is stopped. A start
@@ -371,15 +373,16 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
                 log.info("coordinator refused the start of %s; stopping it", task_id)
                 run.command.stop(START_REFUSED)
 
-    def _final_settled(self, task_id: str, status: int, report: Future) -> None:
+    def _final_settled(self, task_id: str, lease: int, status: int, report: Future) -> None:
         try:
             self._settled(task_id, status, report.result())
         finally:
-            self._finished(task_id)
+            self._finished(task_id, lease)
 
-    def _finished(self, task_id: str) -> None:
+    def _finished(self, task_id: str, lease: int) -> None:
         with self._lock:
-            self._unfinished.discard(task_id)
+            if self._unfinished.get(task_id) == lease:
+                del self._unfinished[task_id]
             self._idle.notify_all()
 
     def _update(self, task_id: str, run: Run, status: int, outcome: Outcome | None = None
