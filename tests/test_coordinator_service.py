@@ -349,3 +349,28 @@ def test_a_claim_too_old_to_dispatch_goes_back_to_the_queue_unsent(store, db_url
         assert (row["status"], row["attempts"], worker.received) == ("queued", 0, [])
     finally:
         dispatcher.stop()
+
+
+def test_a_claim_after_an_idle_one_takes_few_tasks_then_all_the_room_at_once(store, db_url, sql_conn, worker_servers):
+    from distrack.coordinator.dispatcher import IDLE_CLAIM_LIMIT
+
+    worker = AcceptingWorker()
+    store.record_heartbeat("w", worker_servers(worker), 20, [])
+    dispatcher = dispatcher_for(store, db_url)
+
+    def picked() -> int:
+        return sql_conn.execute("SELECT count(*) AS n FROM tasks WHERE status = 'picked'").fetchone()["n"]
+
+    try:
+        store.insert_task("echo", 0)
+        dispatcher.run_once()  # a coordinator that just started claims all the room it has
+        assert picked() == 1  # and found the queue drained
+        for _ in range(10):
+            store.insert_task("echo", 0)
+        assert dispatcher.run_once() == 0.0  # a few, which it all took: more may be due, so again at once
+        assert picked() == 1 + IDLE_CLAIM_LIMIT
+        dispatcher.run_once()
+        assert picked() == 11
+        wait_for(lambda: len(worker.received) == 11, what="every task dispatched")
+    finally:
+        dispatcher.stop()

@@ -58,6 +58,11 @@ REFUSED_CODES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE
 NEVER_REACHED_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                        grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 NOT_CONNECTED_DETAILS = "failed to connect to all addresses"
+# When the last claim left nothing due, a claim reserves at most this many slots: a wake-up on an idle
+# queue most often brings one task, and a claim over every worker's room (prefetch included, tens of
+# slots) costs that task's pickup more in the statement and the reservations. A claim that fills
+# them all is followed at once by one over all the room.
+IDLE_CLAIM_LIMIT = 4
 # A dispatch is not started with less time than this left before its deadline.
 MIN_DISPATCH_S = 0.05
 DISPATCH_THREADS = 16
@@ -131,6 +136,8 @@ class Dispatcher:
         self._next_refresh = 0.0
         self._next_sweep = 0.0
         self._last_claim = 0.0
+        # Whether the last claim found more due than it took (or found due rows locked): see IDLE_CLAIM_LIMIT.
+        self._backlog = True
         # When the sleeping loop wakes up by itself (monotonic); infinity while it is awake, when any
         # new task must wake it again (its next-due lookup may have run before the task was there).
         self._sleep_until = math.inf
@@ -250,10 +257,12 @@ class Dispatcher:
 
     def _claim_step(self) -> float:
         """Claims a task for every free slot; returns how long the loop may wait before the next."""
-        reservations = self.registry.reserve(self.registry.free_slots())
+        free = self.registry.free_slots()
+        reservations = self.registry.reserve(free if self._backlog else min(free, IDLE_CLAIM_LIMIT))
         if not reservations:
             return self.config.poll_interval_s
         claimed, next_due_s = self._claim(reservations)
+        self._backlog = len(claimed) == len(reservations) or (next_due_s is not None and next_due_s <= 0)
         if len(claimed) == len(reservations):
             # Every free slot got a task, so more may be due: claim again at once if slots are free,
             # else when one frees (a final report wakes the loop).
