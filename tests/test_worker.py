@@ -241,14 +241,17 @@ def test_a_task_given_back_and_sent_again_stays_listed_until_its_new_run_is_repo
     # The report that gave it back is settled after the same task came again with a new lease: the
     # new run must still be listed as unfinished, or the coordinator would end it as lost.
     _, stub = worker(slots=1, prefetch=1)
-    first = submit(stub, "sleep 30")
+    first = submit(stub, "sleep 5")
     wait_for(lambda: Status.INPROGRESS in coordinator.statuses(first), what="the first run's start report")
-    task = submit(stub, "sleep 30", lease=7)
+    task = submit(stub, "sleep 5", lease=7)
     coordinator.refuse_reports = 10**6  # the give-back report stays unsettled, and is retried
     coordinator.stop_task_ids.add(task)  # "no longer yours": it waits, so it goes back at once
     wait_for(lambda: coordinator.refused, what="the give-back report's first try")
     coordinator.stop_task_ids.clear()
-    submit(stub, "sleep 30", lease=8, task_id=task)  # sent again, to wait for the slot again
+    # Heartbeats go one after another: once a new one arrives, no answer saying "stop" is still pending.
+    seen = len(coordinator.heartbeats)
+    wait_for(lambda: len(coordinator.heartbeats) > seen, what="a heartbeat answered without the stop")
+    submit(stub, "sleep 5", lease=8, task_id=task)  # sent again, to wait for the slot again
     coordinator.refuse_reports = 0
     returned = wait_for(lambda: coordinator.final(task), timeout=10, what="the give-back report delivered")
     assert returned.status == Status.RETURNED and returned.lease == 7
