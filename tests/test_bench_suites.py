@@ -27,6 +27,7 @@ from distrack.bench.machine import (
     memory_growth,
     parse_proc_stat,
     parse_process_stat,
+    steal_share,
     tree_cpu_s,
 )
 from distrack.bench.progress import Progress, bar
@@ -159,10 +160,18 @@ def test_parse_proc_stat_counts_busy_and_total_without_steal_or_guest():
     times = parse_proc_stat(text)
     assert times.busy_s == pytest.approx((100 + 5 + 50 + 3 + 2) / CLOCK_TICKS)
     assert times.total_s == pytest.approx((100 + 5 + 50 + 3 + 2 + 1000 + 20) / CLOCK_TICKS)
+    assert times.steal_s == pytest.approx(7 / CLOCK_TICKS)
     # An old kernel with only four fields.
     assert parse_proc_stat("cpu 10 0 10 80\n").busy_s == pytest.approx(20 / CLOCK_TICKS)
     with pytest.raises(ValueError):
         parse_proc_stat("intr 1\n")
+
+
+def test_steal_share_is_the_hypervisors_part_of_the_cores_time():
+    before = parse_proc_stat("cpu 100 0 0 100 0 0 0 10\n")
+    after = parse_proc_stat("cpu 150 0 0 130 0 0 0 30\n")  # 50 busy, 30 idle, 20 stolen
+    assert steal_share(before, after) == pytest.approx(20 / 100)
+    assert steal_share(before, before) is None and steal_share(None, after) is None
 
 
 def test_cpu_usage():
@@ -490,9 +499,11 @@ def test_report_exit_code_and_text():
                                                                      targets=True), [good])
     assert report.exit_code == 0
     text = report.format()
-    assert "end to end" in text and "targets missed" in text
+    assert "end to end" in text and "targets missed" in text and "steal" not in text
     doc = report.to_dict()
-    assert doc["exit_code"] == 0 and doc["figures"][0]["suite"] == "references"
+    assert doc["exit_code"] == 0 and doc["figures"][0]["suite"] == "references" and doc["steal"] is None
+    report.steal = 0.044
+    assert "the hypervisor took 4.4% of the cores' time" in report.format() and report.to_dict()["steal"] == 0.044
     unfinished = measure_run("e", load_result(3), [task("a", completed=1)], 2, CpuUsage(1, 0.1, 0.1))
     report.add("sustained", unfinished, lambda refs: [], [unfinished])
     assert report.exit_code == 1

@@ -25,6 +25,8 @@ class CpuTimes:
 
     busy_s: float
     total_s: float
+    # Time the hypervisor gave to other machines while this one wanted to run: a noisy host.
+    steal_s: float = 0.0
 
 
 def parse_proc_stat(text: str) -> CpuTimes:
@@ -35,9 +37,9 @@ def parse_proc_stat(text: str) -> CpuTimes:
         fields = line.split()
         if fields and fields[0] == "cpu":
             ticks = [int(value) for value in fields[1:9]] + [0] * (9 - len(fields))
-            user, nice, system, idle, iowait, irq, softirq, _steal = ticks[:8]
+            user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
             busy = user + nice + system + irq + softirq
-            return CpuTimes(busy / CLOCK_TICKS, (busy + idle + iowait) / CLOCK_TICKS)
+            return CpuTimes(busy / CLOCK_TICKS, (busy + idle + iowait) / CLOCK_TICKS, steal / CLOCK_TICKS)
     raise ValueError("no cpu line in /proc/stat")
 
 
@@ -148,6 +150,16 @@ class CpuMeter:
         busy = None if machine is None or self._machine is None else machine.busy_s - self._machine.busy_s
         by_process = {name: trees[name] - self._trees[name] for name in trees if name in self._trees}
         return CpuUsage(time.monotonic() - self._wall, busy, client - self._client, by_process)
+
+
+def steal_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
+    """The share of the cores' time the hypervisor gave to other machines between two readings: the
+    host's noise, which slows every figure of the run (none where the kernel does not count it)."""
+    if before is None or after is None:
+        return None
+    steal = after.steal_s - before.steal_s
+    elapsed = after.total_s - before.total_s + steal
+    return steal / elapsed if elapsed > 0 else None
 
 
 def machine_busy_fraction(window_s: float) -> float | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from distrack.bench import figures as fig
 from distrack.bench.config import SuiteConfig
+from distrack.bench.machine import read_cpu_times, steal_share
 from distrack.bench.progress import Progress
 from distrack.bench.references import bash_reference, postgres_reference
 from distrack.bench.stack import OwnStack, StackError, configured_database_url
@@ -74,6 +75,7 @@ def run_suites(config: SuiteConfig, *, emit: Callable[[str], None]) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     work_dir = Path(tempfile.mkdtemp(prefix="distrack-bench-"))
     started = time.monotonic()
+    cpu_before = read_cpu_times()
     try:
         report = Report(config)
         _run_all(config, work_dir, report)
@@ -87,6 +89,7 @@ def run_suites(config: SuiteConfig, *, emit: Callable[[str], None]) -> int:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work_dir, ignore_errors=True)
     report.duration_s = time.monotonic() - started
+    report.steal = steal_share(cpu_before, read_cpu_times())
     emit(json.dumps(report.to_dict(), sort_keys=True) if config.json_output else report.format())
     return report.exit_code
 
@@ -182,6 +185,8 @@ class Report:
         self.stack = ""
         self.services: dict[str, int] = {}  # of the main stack, when it is our own
         self.duration_s = 0.0
+        # The share of the cores' time the hypervisor gave to other machines during the run.
+        self.steal: float | None = None
 
     def add(self, suite: str, result: Any, figures: FigureBuilder, runs: list[TaskRun], *, errors: int = 0) -> None:
         self.results[suite] = result
@@ -222,6 +227,7 @@ class Report:
             "stack": self.stack,
             "services": self.services,
             "duration_s": round(self.duration_s, 3),
+            "steal": None if self.steal is None else round(self.steal, 4),
             "references": self.references.to_dict(),
             "suites": {name: result.to_dict() for name, result in self.results.items()},
             "figures": [figure.to_dict() for figure in self.all_figures],
@@ -247,7 +253,9 @@ class Report:
             "",
             f"{len(missed)} of {sum(1 for f in figures if f.target)} targets missed"
             + (": " + "; ".join(f.name for f in missed) if missed else ""),
-            f"run took {self.duration_s:.0f} s",
+            f"run took {self.duration_s:.0f} s"
+            + ("" if self.steal is None else f"; the hypervisor took {self.steal:.1%} of the cores' time for other "
+                                             "machines (steal: a noisy host slows every figure)"),
         ]
         head += [f"skipped {suite}: {why}" for suite, why in self.skipped.items()]
         if self.failed_suites:
