@@ -33,6 +33,12 @@ DEFAULT_SLOTS = 5
 PREFETCH_PER_SLOT = 4
 # The most tasks a worker may run, or take beyond its slots: each is a thread of the worker's.
 MAX_TASKS_PER_WORKER = 10_000
+
+
+def default_prefetch(slots: int) -> int:
+    return min(slots * PREFETCH_PER_SLOT, MAX_TASKS_PER_WORKER)
+
+
 # Batching under load, on both ends of the dispatch: after a claim (coordinator) or a report call
 # (worker) less than BUSY_WINDOW_S ago, the next one waits up to LINGER_S to gather more, since a call
 # or a statement costs far more CPU than another task in it. An idle service sends at once, so a lone
@@ -181,10 +187,6 @@ class CoordinatorConfig:
         return min(self.heartbeat_interval_s, self.poll_interval_s) / 2
 
 
-def default_prefetch(slots: int) -> int:
-    return min(slots * PREFETCH_PER_SLOT, MAX_TASKS_PER_WORKER)
-
-
 @dataclass(frozen=True)
 class WorkerConfig:
     # The coordinators to heartbeat and report to: the first, then the next while it is unreachable.
@@ -193,7 +195,7 @@ class WorkerConfig:
     output_dir: str = "worker_output"
     slots: int = DEFAULT_SLOTS
     # Tasks taken beyond the slots, waiting for one.
-    prefetch: int = DEFAULT_SLOTS * PREFETCH_PER_SLOT
+    prefetch: int = default_prefetch(DEFAULT_SLOTS)
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     # `WORKER_ADDRESS` from the environment: the host other machines use to reach this worker.
     advertise_host: str | None = None

@@ -48,14 +48,15 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if any(_uuid_or_none(t) is None for t in listed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids and unfinished_task_ids must be UUIDs")
         stop: list[str] = []
+        prefetch = max(request.prefetch, 0)
         # Told to the worker only when its heartbeat is on record and its runs checked: it starts tasks
         # waiting for a slot only within that ttl (see HeartbeatResponse in the proto).
         ttl_s = 0.0
         try:
             if self.store.record_heartbeat(request.worker_id, request.address, request.slots, request.running_task_ids,
-                                           listed, max(request.prefetch, 0)):
+                                           listed, prefetch):
                 log.info("worker %s joined at %s with %d slot(s) and %d to prefetch", request.worker_id,
-                         request.address, request.slots, request.prefetch)
+                         request.address, request.slots, prefetch)
             stop = self.store.runs_to_stop(request.worker_id, request.unfinished_task_ids)
             self._end_unlisted_runs(request)
             ttl_s = self.config.worker_ttl_s
@@ -65,8 +66,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.on_db_failure()
             if self.registry.get(request.worker_id) is None:
                 return distrack_pb2.HeartbeatResponse()  # not on record: not dispatched to either
-        takes = request.slots + max(request.prefetch, 0)
-        if self.registry.heartbeat(request.worker_id, request.address, takes, request.running_task_ids):
+        if self.registry.heartbeat(request.worker_id, request.address, request.slots + prefetch,
+                                   request.running_task_ids):
             self.wakeup.set()
         if stop:
             log.info("telling %s to stop %s", request.worker_id, ", ".join(stop))
