@@ -26,6 +26,7 @@ import pytest
 from faultlib import executions, record_command, tally, wait_all_final
 from helpers import Api, kill_marked_processes, wait_for
 
+from distrack.config import DEFAULT_SLOTS
 from distrack.db.migrate import migrate
 
 WORKERS = ["worker-1", "worker-2", "worker-3"]
@@ -252,13 +253,19 @@ def test_f_cut_one_workers_link(compose: ComposeCluster, fault_report, tmp_path)
     w1, others = compose.worker_ids["worker-1"], [compose.worker_ids[w] for w in WORKERS[1:]]
     api = compose.api
 
-    task_ids = [api.schedule(record_command(log, "sleep 1"), max_attempts=3)["task_id"] for _ in range(TASKS)]
+    # One batch, so each worker's first runs start together and are fresh at once: sent one by one on a
+    # slow machine, worker-1's starts (and its prefetched tasks' after them) spread over more than FRESH_S.
+    status, doc = api.request("POST", "/tasks", {"tasks": [
+        {"command": record_command(log, "sleep 1"), "max_attempts": 3} for _ in range(TASKS)]})
+    assert status == 200, (status, doc)
+    task_ids = [t["task_id"] for t in doc["tasks"]]
 
     with psycopg.connect(db, autocommit=True) as conn:
-        # A moment when worker-1 runs tasks that all started just now, with work left for the others.
+        # A moment when worker-1 runs tasks that all started just now, with work left for the others. Its
+        # slots all on record as running: no run of it has started with its start report still on the way.
         def cut_moment() -> dict | None:
             snap = w1_snapshot(conn, w1, task_ids)
-            ok = snap["running"] and snap["oldest_s"] < FRESH_S and snap["queued"] >= 6
+            ok = len(snap["running"]) == DEFAULT_SLOTS and snap["oldest_s"] < FRESH_S and snap["queued"] >= 6
             return snap if ok else None
 
         before = wait_for(cut_moment, 60, interval=0.01, what="fresh tasks running on worker-1")
