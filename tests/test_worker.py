@@ -261,6 +261,31 @@ def test_a_task_given_back_and_sent_again_stays_listed_until_its_new_run_is_repo
     assert task in hb.unfinished_task_ids and task in hb.running_task_ids
 
 
+def test_a_stop_answered_late_spares_a_newer_run_of_the_same_task(coordinator, worker):
+    # The heartbeat listed the task's run of lease 7; before its answer ("stop it") arrived, the task
+    # came again with lease 8. The answer meant the run it was told about, not the new one.
+    import threading
+
+    _, stub = worker(slots=1)
+    coordinator.refuse_reports = 10**6  # lease 7's report stays unsettled, so heartbeats list the task
+    task = submit(stub, "true", lease=7)
+    wait_for(lambda: coordinator.refused, what="lease 7's report tried")
+    held, release = threading.Event(), threading.Event()
+    with coordinator.lock:
+        coordinator.stop_task_ids.add(task)
+        coordinator.hold_next_answer = (held, release)
+    assert held.wait(10), "no heartbeat came to hold"
+    assert task in coordinator.heartbeats[-1].unfinished_task_ids
+    submit(stub, "sleep 1", lease=8, task_id=task)
+    with coordinator.lock:
+        coordinator.stop_task_ids.clear()
+        coordinator.refuse_reports = 0
+    release.set()
+    final = wait_for(lambda: (f := coordinator.final(task)) is not None and f.lease == 8 and f,
+                     timeout=15, what="lease 8's final report")
+    assert final.status == Status.COMPLETED and final.exit_code == 0, final
+
+
 def test_a_batch_starts_what_finds_a_slot_and_the_rest_in_the_order_it_came(coordinator, worker, tmp_path):
     _, stub = worker(slots=2, prefetch=3)
     ids = [str(uuid.uuid4()) for _ in range(5)]

@@ -54,13 +54,14 @@ class Heartbeats:
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
+                listed = self.service.unfinished_leases()
                 request = distrack_pb2.HeartbeatRequest(
                     worker_id=self.service.worker_id,
                     address=self.address,
                     slots=self.service.advertised_slots(),
                     prefetch=self.service.advertised_prefetch(),
                     running_task_ids=self.service.running_task_ids(),
-                    unfinished_task_ids=self.service.unfinished_task_ids(),
+                    unfinished_task_ids=list(listed),
                 )
                 # Bounded so one slow answer does not push the next heartbeat late.
                 sent_at = time.monotonic()
@@ -69,7 +70,8 @@ class Heartbeats:
                     log.info("coordinator %s reachable again", self.client.target)
                 reachable = True
                 if reply.stop_task_ids:
-                    self.service.stop_runs(list(reply.stop_task_ids), NOT_OWNER)
+                    self.service.stop_listed_runs(
+                        {t: listed[t] for t in reply.stop_task_ids if t in listed}, NOT_OWNER)
                 # After the stops: a waiting task this answer says to stop is not started on its strength.
                 self.service.heard_from_coordinator(sent_at, reply.worker_ttl_s)
             except grpc.RpcError as exc:

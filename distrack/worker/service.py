@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,11 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         with self._lock:
             return list(self._runs)
 
-    def unfinished_task_ids(self) -> list[str]:
+    def unfinished_leases(self) -> dict[str, int]:
+        """Each unfinished task with the lease of its run: what a heartbeat lists (the ids), and what an
+        answer telling it to stop some of them refers to (those runs, not later ones)."""
         with self._lock:
-            return list(self._unfinished)
+            return dict(self._unfinished)
 
     def advertised_slots(self) -> int:
         """Zero once shutting down, so no coordinator counts on this worker any more."""
@@ -222,9 +225,21 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
 
     # --- stopping runs
 
-    def stop_runs(self, task_ids: list[str], reason: str) -> None:
+    def stop_runs(self, task_ids: Iterable[str], reason: str) -> None:
         with self._lock:
             runs = [(t, self._runs[t]) for t in task_ids if t in self._runs]
+        self._stop_each(runs, reason)
+
+    def stop_listed_runs(self, listed: Mapping[str, int], reason: str) -> None:
+        """Stops the runs of these tasks that still have the listed leases. A heartbeat's answer says
+        which tasks to stop as of the heartbeat; by the time it arrives, a task named in it may have been
+        given back and sent here again, and that newer run is not the one it meant."""
+        with self._lock:
+            runs = [(t, run) for t, lease in listed.items() if (run := self._runs.get(t)) is not None
+                    and run.lease == lease]
+        self._stop_each(runs, reason)
+
+    def _stop_each(self, runs: list[tuple[str, Run]], reason: str) -> None:
         for task_id, run in runs:
             log.warning("stopping %s: %s", task_id, reason)
             self._stop_run(task_id, run, reason)
