@@ -82,9 +82,17 @@ def test_heartbeats_carry_identity_address_slots_and_running_tasks(coordinator, 
     assert hb.slots == 3 and hb.worker_id and not hb.address.startswith("0.0.0.0")
 
 
-def test_reports_inprogress_then_completed_with_the_attempt(coordinator, worker):
+def gated(marker) -> str:
+    """A command that runs until `marker` exists: the test decides when it ends. (A start report still
+    waiting when its run ends is replaced by the final report, so a quick command may send only that.)"""
+    return f"while [ ! -e {marker} ]; do sleep 0.01; done"
+
+
+def test_reports_inprogress_then_completed_with_the_attempt(coordinator, worker, tmp_path):
     _, stub = worker()
-    task_id = submit(stub, "echo hi", attempt=4)
+    task_id = submit(stub, gated(tmp_path / "go"), attempt=4)
+    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(task_id), what="the start report")
+    (tmp_path / "go").touch()
     final = wait_for(lambda: coordinator.final(task_id), what="the final report")
     assert coordinator.statuses(task_id) == [Status.INPROGRESS, Status.COMPLETED]
     assert final.attempt == 4 and final.lease == 7 and final.exit_code == 0 and final.error == ""
@@ -105,13 +113,16 @@ def test_a_task_whose_start_is_refused_is_stopped(coordinator, worker, tmp_path)
     submit(stub, "echo next")  # the slot came back
 
 
-def test_reports_carry_when_the_command_started(coordinator, worker):
+def test_reports_carry_when_the_command_started(coordinator, worker, tmp_path):
     _, stub = worker()
     before = time.time()
-    task_id = submit(stub, "sleep 0.2")
+    task_id = submit(stub, gated(tmp_path / "go"))
+    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(task_id), what="the start report")
+    running_at = time.time()  # the run is still going: it ends once the marker exists
+    (tmp_path / "go").touch()
     final = wait_for(lambda: coordinator.final(task_id), what="the final report")
     start = next(r for r in coordinator.reports if r.task_id == task_id and r.status == Status.INPROGRESS)
-    assert before <= start.started_at <= time.time() - 0.2
+    assert before <= start.started_at <= running_at
     assert final.started_at == start.started_at
 
 
