@@ -366,10 +366,12 @@ def test_a_timeout_kills_the_whole_process_group(coordinator, worker, tmp_path):
         wait_for(lambda: marker.exists(), timeout=2.5)
 
 
-def test_reports_survive_a_coordinator_outage(coordinator, worker):
+def test_reports_survive_a_coordinator_outage(coordinator, worker, tmp_path):
     _, stub = worker()
     coordinator.refuse_reports = 5  # the INPROGRESS report and then some: retried with backoff
-    task_id = submit(stub, "echo through-the-outage")
+    task_id = submit(stub, gated(tmp_path / "go"))
+    wait_for(lambda: coordinator.refused, what="the start report sent and refused")
+    (tmp_path / "go").touch()
     final = wait_for(lambda: coordinator.final(task_id), timeout=20, what="the report after the outage")
     assert final.status == Status.COMPLETED
     assert coordinator.refused == 5
