@@ -2,7 +2,7 @@
 
 Concurrency: two threads. The dispatcher thread only claims: it reserves free slots round-robin,
 claims that many due tasks in one short transaction that names each task's worker, and dispatches
-them after it has committed (one SubmitTasks call per worker, started without waiting for it). It
+them after it has committed (one SubmitTasks call per worker, handed to a thread pool). It
 wakes on any of: a NOTIFY of new tasks, a freed slot or a new worker (set by the gRPC handlers), the
 next due `scheduled_at`, or the poll interval. The housekeeping thread, so that no due task waits for
 its queries:
@@ -11,8 +11,8 @@ its queries:
    database has been reachable for a whole worker ttl (after an outage or a restart of this
    coordinator, heartbeats need that long to be on record again);
 3. asks workers to stop cancelled tasks (at once on a NOTIFY of a cancel, and at every sweep).
-The answers of the calls, the passing on of refused tasks and the CancelTask calls run on a small
-thread pool, so one slow worker never holds up the others.
+The SubmitTasks calls with their answers, the passing on of refused tasks and the CancelTask calls
+run on that thread pool, so one slow worker never holds up the others.
 
 A worker starts what it takes at once, or as a slot frees when it takes the task to wait for one (its
 prefetch): the committed claim (worker and lease) is what lets it run.
@@ -65,7 +65,9 @@ NOT_CONNECTED_DETAILS = "failed to connect to all addresses"
 IDLE_CLAIM_LIMIT = 4
 # A dispatch is not started with less time than this left before its deadline.
 MIN_DISPATCH_S = 0.05
-DISPATCH_THREADS = 16
+# Enough that workers slow to answer (each call waits at most dispatch_timeout_s) leave threads for
+# the others.
+DISPATCH_THREADS = 32
 # A new task due this long after the loop's planned wake-up is left to that wake-up (which looks up
 # the next due time) rather than waking the loop now. The margin covers a coordinator clock behind
 # the database's by up to this much.
@@ -388,51 +390,41 @@ class Dispatcher:
         return timeout if timeout >= MIN_DISPATCH_S else None
 
     def _dispatch(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float) -> None:
-        """Starts one SubmitTasks call and returns without waiting for it: the loop goes on, and the
-        answer is handled on the call pool (_dispatched), where each task the worker did not take is
-        passed on (_pass_on). No thread hand-off stands between a claim and its call."""
-        timeout = self._call_timeout(deadline)
-        if self._stop.is_set() or timeout is None:
-            if timeout is None:
-                log.warning("%d claimed task(s) not dispatched in time; back in the queue", len(tasks))
-            for task in tasks:
-                self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
+        """Hands one SubmitTasks call to the call pool and returns without waiting for it: the loop goes
+        on. The pool thread makes the call, waits for its answer and passes on each task the worker did
+        not take (_pass_on). (A blocking call on a pool thread costs the dispatch less than a gRPC future:
+        a future on an idle channel starts a thread of its own to drive it.)"""
+        if self._stop.is_set() or self._call_timeout(deadline) is None:
+            self._send_late(tasks)
             return
         with self._answers_changed:
             self._answers_owed += 1
         try:
-            call = self.clients.stub(worker).SubmitTasks.future(_batch(tasks), timeout=timeout)
-        except Exception as exc:  # ValueError: its channel was just closed
-            self._hand_over(tasks, worker, deadline, exc)
-            return
-        call.add_done_callback(lambda done: self._hand_over(tasks, worker, deadline, done))
+            self._submit_call(self._send_and_pass_on, tasks, worker, deadline)
+        except RuntimeError:  # the call pool shut down (stopping): handled here, now
+            self._send_and_pass_on(tasks, worker, deadline)
 
-    def _hand_over(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float,
-                   outcome: grpc.Future | Exception) -> None:
-        """Called on gRPC's thread, which must not block: the answer goes to the call pool. (stop()
-        waits for every answer before shutting the pool down; if it gave up waiting, here it is.)"""
+    def _send_and_pass_on(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float) -> None:
+        """On the call pool: one SubmitTasks call within the claim's deadline (the tasks go back to the
+        queue when too little of it is left), then the tasks not taken are passed on."""
         try:
-            self._submit_call(self._dispatched, tasks, worker, deadline, outcome)
-        except RuntimeError:
-            self._dispatched(tasks, worker, deadline, outcome)
-
-    def _dispatched(self, tasks: list[ClaimedTask], worker: WorkerInfo, deadline: float,
-                    outcome: grpc.Future | Exception) -> None:
-        try:
-            # A gRPC call future is an RpcError too: ask whether it is a future first.
-            if isinstance(outcome, grpc.Future):
-                try:
-                    not_taken = self._not_taken(tasks, worker, outcome.result())
-                except (grpc.RpcError, ValueError) as exc:
-                    not_taken = self._failed_call(tasks, worker, exc)
-            else:
-                not_taken = self._failed_call(tasks, worker, outcome)
-            for task, why in not_taken:
+            timeout = self._call_timeout(deadline)
+            if timeout is None:
+                self._send_late(tasks)
+                return
+            for task, why in self._send(tasks, worker, timeout):
                 self._pass_on(task, worker, why, deadline)
         finally:
             with self._answers_changed:
                 self._answers_owed -= 1
                 self._answers_changed.notify_all()
+
+    def _send_late(self, tasks: list[ClaimedTask]) -> None:
+        """Claimed tasks that will not be sent (stopping, or too little of their deadline left) go back."""
+        if not self._stop.is_set():
+            log.warning("%d claimed task(s) not dispatched in time; back in the queue", len(tasks))
+        for task in tasks:
+            self._return_to_queue(Attempt(task.id, task.lease, task.worker_id))
 
     def _send(self, tasks: list[ClaimedTask], worker: WorkerInfo, timeout: float) -> list[tuple[ClaimedTask, str]]:
         """One SubmitTasks call, waited for; returns the tasks the worker did not take, each with why."""
