@@ -26,7 +26,7 @@ from tenacity import (
     retry_if_exception,
     stop_after_delay,
     stop_when_event_set,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from distrack.config import BUSY_WINDOW_S, LINGER_S
@@ -102,7 +102,9 @@ class CoordinatorClient:
         """Sends reports in one call, retrying transient failures; one ack per update, in order."""
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(initial=0.05, max=5.0),
+            # Full jitter (uniform up to 0.1 s, doubling to at most 5 s): workers cut off by the same
+            # outage do not all retry together once it ends.
+            wait=wait_random_exponential(multiplier=0.1, max=5.0),
             # Until the worker stops for good (it keeps reporting through its shutdown grace).
             stop=stop_after_delay(self.report_retry_s) | stop_when_event_set(self._stop),
             sleep=self._stop.wait,
