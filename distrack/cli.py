@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024 * 1024,
         help="largest request body accepted; larger ones get 413 (default %(default)s)",
     )
+    _flag(p, "statement_timeout_s", type=_positive(float), default=cfg.DEFAULT_STATEMENT_TIMEOUT_S,
+          help="longest a request's SQL statement may run (waiting on a lock, say); the request then "
+          "gets 503 and nothing of it is stored (default %(default)g)")
     _flag(p, "https_cert", default=None, metavar="PEM",
           help="serve HTTPS with this certificate (chain) (default: DISTRACK_HTTPS_CERT)")
     _flag(p, "https_key", default=None, metavar="PEM", help="its private key (default: DISTRACK_HTTPS_KEY)")
@@ -391,6 +394,7 @@ def _run(args: argparse.Namespace) -> int:
                 http_workers=args.http_workers,
                 http_threads=args.http_threads,
                 max_body_bytes=args.max_body_bytes,
+                statement_timeout_s=args.statement_timeout_s,
                 api_token=api_token_from_env(),
                 **_https(args),
             )

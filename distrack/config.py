@@ -46,6 +46,8 @@ def default_prefetch(slots: int) -> int:
 BUSY_WINDOW_S = 0.01
 LINGER_S = 0.005
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
+# Well under gunicorn's worker timeout (60 s), which would kill the process and every connection on it.
+DEFAULT_STATEMENT_TIMEOUT_S = 10.0
 # First retry delay; each further attempt doubles it (with jitter).
 DEFAULT_RETRY_DELAY_S = 1.0
 # Relative to where the worker starts, like its output folder.
@@ -149,6 +151,8 @@ class SchedulerConfig:
     http_workers: int = 0
     http_threads: int = 0
     max_body_bytes: int = 1024 * 1024
+    # A request's SQL statement running longer than this is cancelled and the request gets 503.
+    statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S
     # HTTPS through gunicorn when both are set (PEM files).
     https_cert: str | None = None
     https_key: str | None = None

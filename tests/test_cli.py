@@ -12,7 +12,7 @@ from distrack.config import Address, default_prefetch
 @pytest.mark.parametrize(
     ("subcommand", "options"),
     [
-        ("scheduler", ["--scheduler_port"]),
+        ("scheduler", ["--scheduler_port", "--statement_timeout_s"]),
         ("coordinator", ["--coordinator_port", "--poll_interval_s", "--heartbeat_interval_s", "--heartbeat_misses"]),
         ("worker", ["--worker_port", "--coordinator", "--output_dir", "--slots", "WORKER_ADDRESS"]),
         ("migrate", []),
@@ -69,6 +69,8 @@ def test_prefetch_is_four_tasks_per_slot_unless_given():
         ["worker", "--coordinator=:0"],
         ["coordinator", "--poll_interval_s=-1"],
         ["scheduler", "--scheduler_port=70000"],
+        ["scheduler", "--statement_timeout_s=0"],
+        ["scheduler", "--statement_timeout_s=soon"],
         ["nope"],
     ],
 )

@@ -2,6 +2,7 @@
 
 import os
 
+import psycopg
 import pytest
 from helpers import Api, Service, free_port, wait_for
 
@@ -46,3 +47,28 @@ def test_scheduler_answers_503_while_the_database_is_down_and_recovers_by_itself
         if scheduler is not None:
             scheduler.stop()
         pg.stop()
+
+
+def test_a_statement_held_up_past_the_timeout_gets_503_and_stores_nothing(db_url, tmp_path):
+    # A lock the insert waits on (a migration, an admin's long transaction): the request must not hang
+    # (the client below gives up after 10 s, gunicorn kills the process after 60 s).
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=db_url)
+    scheduler = Service("scheduler", ["scheduler", f"--scheduler_port=127.0.0.1:{port}", "--http_workers=1",
+                                      "--statement_timeout_s=0.5"], env, tmp_path)
+    try:
+        api = Api(f"http://127.0.0.1:{port}")
+        wait_for(lambda: api.request("GET", "/health")[0] == 200, 30, what="the scheduler")
+        with psycopg.connect(db_url) as locker:  # the lock is held until this transaction ends
+            locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            status, doc = api.request("POST", "/schedule", {"command": "echo held-up"})
+            assert status == 503, doc
+            assert "did not answer in time" in doc["description"]
+            status, doc = api.request("POST", "/tasks", {"tasks": [{"command": "echo held-up"}] * 3})
+            assert status == 503, doc
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) FROM tasks WHERE command = 'echo held-up'").fetchone() == (0,)
+        assert api.request("POST", "/schedule", {"command": "echo after"})[0] == 200
+        assert scheduler.alive()
+    finally:
+        scheduler.stop()

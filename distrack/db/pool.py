@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 
 import psycopg
 from psycopg.rows import dict_row
@@ -37,6 +38,17 @@ def _check_if_idle(conn: psycopg.Connection) -> None:
         ConnectionPool.check_connection(conn)
 
 
+def _statement_timeout_setter(timeout_s: float) -> Callable[[psycopg.Connection], None]:
+    # A session setting, made once per connection; not the `options` connection parameter, which
+    # would replace any `options` the user's DATABASE_URL carries.
+    milliseconds = max(int(timeout_s * 1000), 1)
+
+    def configure(conn: psycopg.Connection) -> None:
+        conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{milliseconds}ms"])
+
+    return configure
+
+
 def connection_kwargs() -> dict:
     return {
         "autocommit": True,
@@ -56,8 +68,11 @@ def connection_kwargs() -> dict:
     }
 
 
-def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name: str = "distrack") -> ConnectionPool:
-    """An open pool that does not wait for the database: services start (and answer 503) while it is down."""
+def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name: str = "distrack",
+              statement_timeout_s: float | None = None) -> ConnectionPool:
+    """An open pool that does not wait for the database: services start (and answer 503) while it is down.
+    With `statement_timeout_s`, the server cancels a statement that runs longer (blocked on a lock, say),
+    so its caller fails fast instead of hanging."""
     pool = ConnectionPool(
         database_url,
         min_size=min_size,
@@ -66,6 +81,7 @@ def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name:
         # A connection that died while idle (database restart) is replaced before anyone gets it.
         check=_check_if_idle,
         reset=_note_return,
+        configure=None if statement_timeout_s is None else _statement_timeout_setter(statement_timeout_s),
         timeout=POOL_TIMEOUT_S,
         reconnect_timeout=RECONNECT_TIMEOUT_S,
         name=name,

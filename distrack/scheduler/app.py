@@ -15,7 +15,7 @@ from typing import Any
 import falcon
 
 from distrack.apitoken import api_token_from_env
-from distrack.config import require_database_url
+from distrack.config import DEFAULT_STATEMENT_TIMEOUT_S, require_database_url
 from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
@@ -166,7 +166,8 @@ def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Excep
     # Not "nothing was stored": a commit can succeed just before the connection breaks.
     raise falcon.HTTPServiceUnavailable(
         title="Database unavailable",
-        description="the task database cannot be reached right now; the request did not complete, retry later",
+        description="the task database cannot be reached or did not answer in time; the request did not complete, "
+        "retry later",
         retry_after=RETRY_AFTER_S,
     )
 
@@ -199,5 +200,6 @@ def create_app_from_env(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> falcon.
     """The WSGI app with its own pool, for gunicorn to load in each worker after the fork; the token
     comes from DISTRACK_API_TOKEN or DISTRACK_API_TOKEN_FILE."""
     api_token = api_token_from_env()
-    store = TaskStore(make_pool(require_database_url(), name="scheduler"))
+    store = TaskStore(make_pool(require_database_url(), name="scheduler",
+                                statement_timeout_s=DEFAULT_STATEMENT_TIMEOUT_S))
     return create_app(store, max_body_bytes=max_body_bytes, api_token=api_token)

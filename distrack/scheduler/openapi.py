@@ -147,8 +147,8 @@ def openapi_document(*, max_body_bytes: int, auth: bool) -> dict[str, Any]:
                                    "schema": {"type": "integer", "minimum": 0}}}
     bad_input = _error("the input is malformed or out of range; the description says what is wrong")
     too_large = _error(f"the body is over {max_body_bytes} bytes")
-    unavailable = _error("the database cannot be reached; nothing can be said about the request, retry later",
-                         retry_after)
+    unavailable = _error("the database cannot be reached or did not answer in time; nothing can be said about "
+                         "the request, retry later", retry_after)
     unauthorized = {
         "401": _error(
             "no `Authorization: Bearer <token>` header, or not the right token",

@@ -74,7 +74,8 @@ class SchedulerApplication(BaseApplication):
         from distrack.process import freeze_startup_objects
         from distrack.scheduler.app import create_app
 
-        pool = make_pool(self.config.database_url, max_size=DATABASE_CONNECTIONS_PER_WORKER, name="scheduler")
+        pool = make_pool(self.config.database_url, max_size=DATABASE_CONNECTIONS_PER_WORKER, name="scheduler",
+                         statement_timeout_s=self.config.statement_timeout_s)
         _pools.append(pool)
         app = create_app(TaskStore(pool), max_body_bytes=self.config.max_body_bytes, api_token=self.config.api_token)
         freeze_startup_objects()
