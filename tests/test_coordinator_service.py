@@ -374,3 +374,90 @@ def test_a_claim_after_an_idle_one_takes_few_tasks_then_all_the_room_at_once(sto
         wait_for(lambda: len(worker.received) == 11, what="every task dispatched")
     finally:
         dispatcher.stop()
+
+
+class CancelHoldingWorker(AcceptingWorker):
+    """Takes every task; a CancelTask call is counted and then answered only once `release` is set (a
+    worker gone silent), or at once with hold=False."""
+
+    def __init__(self, hold: bool = True) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.cancels: list[str] = []
+        self._lock = threading.Lock()
+
+    def CancelTask(self, request, context):
+        with self._lock:
+            self.cancels.append(request.task_id)
+        self.release.wait(10)
+        return distrack_pb2.CancelTaskResponse(found=True)
+
+
+def _claimed_and_cancelled(store: TaskStore, dispatcher, count: int) -> list[str]:
+    ids = [str(store.insert_task("sleep 100", 0)["id"]) for _ in range(count)]
+    dispatcher.run_once()
+    with dispatcher._answers_changed:
+        assert dispatcher._answers_changed.wait_for(lambda: dispatcher._answers_owed == 0, 10)
+    for task_id in ids:
+        store.cancel_task(uuid.UUID(task_id))
+    return ids
+
+
+def _workers_with_cancels_under_way(dispatcher) -> set[str]:
+    with dispatcher._cancels_sent_lock:
+        return {worker_id for _, worker_id in dispatcher._cancels_sent}
+
+
+def _sweep(dispatcher) -> None:
+    dispatcher._cancels.put(None)  # what each sweep of the housekeeping thread asks for
+    dispatcher._send_cancels()
+
+
+def test_a_cancel_under_way_is_not_sent_again_by_the_next_sweeps(store, db_url, worker_servers):
+    silent, other = CancelHoldingWorker(), CancelHoldingWorker(hold=False)
+    store.record_heartbeat("silent", worker_servers(silent), 1, [])
+    store.record_heartbeat("other", worker_servers(other), 1, [])
+    dispatcher = dispatcher_for(store, db_url)
+    try:
+        _claimed_and_cancelled(store, dispatcher, 2)
+        assert len(silent.received) == 1 and len(other.received) == 1
+        # The other worker answers at once, so each sweep asks it again: three sweeps, three calls.
+        for n in (1, 2, 3):
+            _sweep(dispatcher)
+            wait_for(lambda n=n: len(other.cancels) == n and "other" not in _workers_with_cancels_under_way(dispatcher),
+                     what=f"sweep {n}'s cancel on the worker that answers")
+        assert silent.cancels == silent.received  # once, though three sweeps asked for it
+        silent.release.set()
+        wait_for(lambda: not dispatcher._cancels_sent, what="the held cancel answered")
+        _sweep(dispatcher)  # answered, yet still pending in the database: asked again
+        wait_for(lambda: len(silent.cancels) == 2, what="the cancel asked again")
+    finally:
+        silent.release.set()
+        dispatcher.stop()
+
+
+def test_cancels_held_up_by_a_silent_worker_never_hold_up_a_dispatch(store, db_url, worker_servers):
+    # More cancels under way than the dispatcher has call threads: none of them may delay a dispatch
+    # past its deadline (0.5 s after its claim here), which would send the task back unsent.
+    from distrack.coordinator.dispatcher import DISPATCH_THREADS
+
+    silent, other = CancelHoldingWorker(), AcceptingWorker()
+    held = DISPATCH_THREADS + 2
+    store.record_heartbeat("silent", worker_servers(silent), held, [])
+    dispatcher = dispatcher_for(store, db_url, ack_timeout_s=1.0)
+    try:
+        _claimed_and_cancelled(store, dispatcher, held)
+        assert len(silent.received) == held
+        _sweep(dispatcher)
+        wait_for(lambda: silent.cancels, what="the first cancel to reach the silent worker")
+        store.record_heartbeat("other", worker_servers(other), 1, [])
+        dispatcher._refresh_workers()
+        task_id = str(store.insert_task("echo", 0)["id"])
+        dispatcher.run_once()
+        wait_for(lambda: other.received == [task_id], what="the dispatch to the other worker")
+        assert store.get_task(uuid.UUID(task_id))["worker_id"] == "other"
+    finally:
+        silent.release.set()
+        dispatcher.stop()

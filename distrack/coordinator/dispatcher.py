@@ -11,8 +11,9 @@ its queries:
    database has been reachable for a whole worker ttl (after an outage or a restart of this
    coordinator, heartbeats need that long to be on record again);
 3. asks workers to stop cancelled tasks (at once on a NOTIFY of a cancel, and at every sweep).
-The SubmitTasks calls with their answers, the passing on of refused tasks and the CancelTask calls
-run on that thread pool, so one slow worker never holds up the others.
+The SubmitTasks calls with their answers and the passing on of refused tasks run on that thread pool,
+so one slow worker never holds up the others; CancelTask calls run on a small pool of their own, one
+at a time per task and worker, so cancels piling up for a silent worker never delay a dispatch.
 
 A worker starts what it takes at once, or as a slot frees when it takes the task to wait for one (its
 prefetch): the committed claim (worker and lease) is what lets it run.
@@ -65,9 +66,11 @@ NOT_CONNECTED_DETAILS = "failed to connect to all addresses"
 IDLE_CLAIM_LIMIT = 4
 # A dispatch is not started with less time than this left before its deadline.
 MIN_DISPATCH_S = 0.05
-# Enough that workers slow to answer (each call waits at most dispatch_timeout_s) leave threads for
-# the others.
-DISPATCH_THREADS = 32
+# Each SubmitTasks call holds a thread until its answer (at most dispatch_timeout_s): enough that
+# workers slow to answer leave threads for the others. CancelTask calls have a pool of their own, so
+# a pile of them (a silent worker with many cancels pending) never holds up a dispatch.
+DISPATCH_THREADS = 64
+CANCEL_THREADS = 4
 # A new task due this long after the loop's planned wake-up is left to that wake-up (which looks up
 # the next due time) rather than waking the loop now. The margin covers a coordinator clock behind
 # the database's by up to this much.
@@ -130,6 +133,11 @@ class Dispatcher:
         self.clients = clients or WorkerClients()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(DISPATCH_THREADS, thread_name_prefix="dispatch")
+        self._cancel_pool = ThreadPoolExecutor(CANCEL_THREADS, thread_name_prefix="cancel")
+        # (task id, worker id) of the CancelTask calls queued or under way: each sweep asks again for
+        # every pending cancel, and a silent worker would otherwise pile up copies of the same call.
+        self._cancels_sent: set[tuple[str, str]] = set()
+        self._cancels_sent_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._housekeeper: threading.Thread | None = None
         self._chores = threading.Event()  # wakes the housekeeping thread (a cancel, stopping)
@@ -172,6 +180,7 @@ class Dispatcher:
             self._answers_changed.wait_for(lambda: self._answers_owed == 0,
                                            self.config.dispatch_timeout_s + STOP_ANSWERS_MARGIN_S)
         self._pool.shutdown(wait=True)
+        self._cancel_pool.shutdown(wait=True, cancel_futures=True)  # the next sweep, anywhere, asks again
         self.clients.close()
         log.info("dispatched %d task(s) in %d call(s)", self.dispatched, self.dispatch_calls)
 
@@ -335,9 +344,30 @@ class Dispatcher:
             if (look_up or str(task_id) in wanted) and worker_id:
                 worker = self.registry.get(worker_id)
                 if worker is not None:
-                    self._submit_call(self._cancel_on_worker, task_id, worker)
+                    self._ask_to_cancel(task_id, worker)
+
+    def _ask_to_cancel(self, task_id: uuid.UUID, worker: WorkerInfo) -> None:
+        key = (str(task_id), worker.worker_id)
+        with self._cancels_sent_lock:
+            if key in self._cancels_sent:
+                return
+            self._cancels_sent.add(key)
+        try:
+            future = self._cancel_pool.submit(self._cancel_on_worker, task_id, worker)
+        except RuntimeError:  # stopping
+            with self._cancels_sent_lock:
+                self._cancels_sent.discard(key)
+            return
+        future.add_done_callback(_log_failure)
 
     def _cancel_on_worker(self, task_id: uuid.UUID, worker: WorkerInfo) -> None:
+        try:
+            self._cancel_call(task_id, worker)
+        finally:
+            with self._cancels_sent_lock:
+                self._cancels_sent.discard((str(task_id), worker.worker_id))
+
+    def _cancel_call(self, task_id: uuid.UUID, worker: WorkerInfo) -> None:
         try:
             self.clients.stub(worker).CancelTask(distrack_pb2.CancelTaskRequest(task_id=str(task_id)),
                                                  timeout=CANCEL_TIMEOUT_S)
