@@ -301,3 +301,7 @@ SELECT pg_notify('distrack_cancel', %(id)s::text);
 
 -- ping --
 SELECT 1;
+
+-- set_statement_timeout --
+-- For the session of a new pooled connection: a statement running longer is cancelled.
+SELECT set_config('statement_timeout', %(timeout)s, false);

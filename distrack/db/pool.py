@@ -10,6 +10,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from distrack.db.queries import queries
+
 # A request must not hang while the database is away: fail over to a 503 quickly instead.
 CONNECT_TIMEOUT_S = 3
 POOL_TIMEOUT_S = 3.0
@@ -44,7 +46,7 @@ def _statement_timeout_setter(timeout_s: float) -> Callable[[psycopg.Connection]
     milliseconds = max(int(timeout_s * 1000), 1)
 
     def configure(conn: psycopg.Connection) -> None:
-        conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{milliseconds}ms"])
+        conn.execute(queries()["set_statement_timeout"], {"timeout": f"{milliseconds}ms"})
 
     return configure
 
