@@ -247,3 +247,38 @@ def test_shutdown_finishes_the_request_under_way_and_closes_idle_connections(tmp
         silent.close()
     finally:
         g.stop()
+
+
+def _worker_pids(g: Gunicorn) -> list[int]:
+    children = Path(f"/proc/{g.proc.pid}/task/{g.proc.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_out_of_file_descriptors_new_connections_wait_and_the_open_ones_are_served(server):
+    # accept() failing with EMFILE is a limit, not a fault: the worker must not exit (and drop every
+    # connection it has) but leave new ones in the backlog until descriptors free up.
+    import resource
+
+    kept = server.connect()
+    kept.sendall(request("/ping"))
+    assert read_response(kept)[0] == 200
+    (worker,) = _worker_pids(server)
+    limits = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{worker}/fd"))
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (in_use + 1, limits[1]))
+    waiting = [server.connect() for _ in range(4)]  # the kernel completes them; the worker takes at most one
+    for sock in waiting:
+        sock.sendall(request("/ping"))
+    wait_for(lambda: not pid_alive(worker) or "cannot accept connections" in server.log_path.read_text(),
+             what="the worker at its limit")
+    assert pid_alive(worker), f"the worker exited at its descriptor limit: {server.log_path.read_text()}"
+    kept.sendall(request("/ping"))
+    assert read_response(kept)[0] == 200  # same worker, same connection
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, limits)
+    for sock in waiting:
+        sock.settimeout(10)
+        assert read_response(sock)[0] == 200
+        sock.close()
+    kept.close()
+    assert _worker_pids(server) == [worker]
+    wait_for(lambda: "accepting connections again" in server.log_path.read_text(), what="the recovery logged")

@@ -38,6 +38,11 @@ READ_TIMEOUT_S = 30.0
 # At most this long is spent discarding a body the app left unread before the next request.
 BODY_DRAIN_S = 1.0
 _DISCONNECTS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+# accept() failing for want of a file descriptor, socket buffer or memory: the process is at a limit,
+# not broken. The connection stays in the listen backlog; accepting resumes once a connection closes,
+# or after this long.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_BACKOFF_S = 0.1
 
 
 class _ResponseBuffer:
@@ -83,6 +88,7 @@ class ConnectionThreadWorker(base.Worker):
         self._open: set[socket.socket] = set()
         self._open_changed = threading.Condition()
         self._stop_r = self._stop_w = -1
+        self._out_of_resources = False  # logged once per episode, not once per retry
 
     def init_process(self) -> None:
         # Readable once shutdown begins; every idle connection polls it beside its socket. Never
@@ -145,12 +151,39 @@ class ConnectionThreadWorker(base.Worker):
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
                     return
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._back_off(f"cannot accept connections ({os.strerror(exc.errno)}) with {len(self._open)} open")
+                    return
                 raise
             util.close_on_exec(client)
             with self._open_changed:
                 self._open.add(client)
-            threading.Thread(target=self._serve, args=(listener, client, addr), daemon=True,
-                             name="http-connection").start()
+            try:
+                threading.Thread(target=self._serve, args=(listener, client, addr), daemon=True,
+                                 name="http-connection").start()
+            except RuntimeError:  # no thread to be had: close this one rather than leave it unserved
+                self._close(client)
+                self._back_off(f"cannot start a thread for a connection with {len(self._open)} open")
+                return
+            if self._out_of_resources:
+                self._out_of_resources = False
+                self.log.warning("accepting connections again")
+
+    def _close(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            client.close()
+        with self._open_changed:
+            self._open.discard(client)
+            self._open_changed.notify_all()
+
+    def _back_off(self, why: str) -> None:
+        """Stops accepting until a connection closes, or ACCEPT_BACKOFF_S (the main thread goes on
+        telling the arbiter it is alive)."""
+        if not self._out_of_resources:
+            self._out_of_resources = True
+            self.log.warning("%s; connections wait in the listen backlog meanwhile", why)
+        with self._open_changed:
+            self._open_changed.wait(ACCEPT_BACKOFF_S)
 
     def _shut_down(self) -> None:
         """Idle connections close when the stop pipe wakes them; busy ones finish their request (and
