@@ -130,7 +130,7 @@ def test_a_workers_prefetch_counts_as_room_for_tasks(served, store):
     served.heartbeat("w1", slots=2, prefetch=3)
     assert served.registry.free_slots() == 5
     worker = next(w for w in store.live_workers(60) if w.worker_id == "w1")
-    assert worker.slots == 5
+    assert worker.takes == 5
 
 
 def test_a_heartbeat_ends_running_attempts_the_worker_no_longer_lists(served, store, sql_conn):

@@ -236,7 +236,7 @@ def test_live_workers_with_the_tasks_each_holds(store):
     store.insert_task("echo", 0)
     a = claim_one(store, "w2")
     workers = {w.worker_id: w for w in store.live_workers(9.0)}
-    assert (workers["w1"].address, workers["w1"].slots, workers["w1"].running) == ("h1:2", 4, 1)
+    assert (workers["w1"].address, workers["w1"].takes, workers["w1"].running) == ("h1:2", 4, 1)
     assert workers["w2"].active_task_ids == {str(a.task_id)}
     assert store.delete_worker("w1") and not store.delete_worker("w1")
     assert [w.worker_id for w in store.live_workers(9.0)] == ["w2"]

@@ -23,7 +23,7 @@ class WorkerInfo:
     worker_id: str
     address: str
     # How many tasks it takes at once: its slots, and its prefetch (tasks that wait there for a slot).
-    slots: int
+    takes: int
     # task id -> when this coordinator learned of it; a slot stays taken until the task's end.
     in_flight: dict[str, float] = field(default_factory=dict)
     # Slots taken for a claim under way, before the tasks have ids.
@@ -36,7 +36,7 @@ class WorkerInfo:
     def free_slots(self, now: float) -> int:
         if now < self.refusing_until:
             return 0
-        return max(self.slots - len(self.in_flight) - self.reserved, 0)
+        return max(self.takes - len(self.in_flight) - self.reserved, 0)
 
 
 class WorkerRegistry:
@@ -67,7 +67,7 @@ class WorkerRegistry:
                         if since >= snapshot_at:
                             in_flight.setdefault(tid, since)
                 self._workers[row.worker_id] = WorkerInfo(
-                    row.worker_id, row.address, max(row.slots, 0), in_flight,
+                    row.worker_id, row.address, max(row.takes, 0), in_flight,
                     old.reserved if old else 0, old.refusing_until if old else 0.0, old.heard_at if old else 0.0,
                 )
             # A worker heard here after the snapshot began may be missing from it: it stays.
@@ -77,7 +77,7 @@ class WorkerRegistry:
             self._restore_turn(current_id)
             return [info for worker_id, info in previous.items() if worker_id not in self._workers]
 
-    def heartbeat(self, worker_id: str, address: str, slots: int, running_task_ids: Iterable[str] = ()) -> bool:
+    def heartbeat(self, worker_id: str, address: str, takes: int, running_task_ids: Iterable[str] = ()) -> bool:
         """Records a heartbeat heard by this coordinator; True when the worker is new here.
 
         What the worker says it runs holds slots (a coordinator that restarted learns this way).
@@ -86,11 +86,11 @@ class WorkerRegistry:
         with self._lock:
             info = self._workers.get(worker_id)
             if info is None:
-                info = WorkerInfo(worker_id, address, max(slots, 0), dict.fromkeys(running_task_ids, now), heard_at=now)
+                info = WorkerInfo(worker_id, address, max(takes, 0), dict.fromkeys(running_task_ids, now), heard_at=now)
                 self._workers[worker_id] = info
                 return True
             info.address = address
-            info.slots = max(slots, 0)
+            info.takes = max(takes, 0)
             info.refusing_until = 0.0
             info.heard_at = now
             for task_id in running_task_ids:
@@ -176,7 +176,7 @@ class WorkerRegistry:
         """Copies of the live workers, in round-robin order."""
         with self._lock:
             return [
-                WorkerInfo(i.worker_id, i.address, i.slots, dict(i.in_flight), i.reserved, i.refusing_until, i.heard_at)
+                WorkerInfo(i.worker_id, i.address, i.takes, dict(i.in_flight), i.reserved, i.refusing_until, i.heard_at)
                 for i in self._workers.values()
             ]
 

@@ -64,7 +64,7 @@ class EndedAttempt:
 class LiveWorker:
     worker_id: str
     address: str
-    slots: int  # how many tasks it takes at once: its slots and its prefetch
+    takes: int  # how many tasks it takes at once: its slots and its prefetch
     running: int
     active_task_ids: frozenset[str]
 

@@ -170,6 +170,8 @@ class ConnectionThreadWorker(base.Worker):
                 self.log.warning("accepting connections again")
 
     def _close(self, client: socket.socket) -> None:
+        """Closes a connection the main thread could not hand to a thread: at once, not the graceful
+        close (with its lingering read) a serving thread does, which would hold up accepting."""
         with contextlib.suppress(OSError):
             client.close()
         with self._open_changed:
