@@ -216,16 +216,27 @@ def _reason(exc: BaseException) -> str:
 # --- clients
 
 
-def client_channel(target: str, security: TransportSecurity) -> grpc.Channel:
-    """A channel to `target` that uses TLS and sends the cluster token as `security` says."""
+def reconnect_options(max_backoff_s: float) -> list[tuple[str, int]]:
+    """Channel options that retry a lost connection at least every `max_backoff_s`. gRPC's default
+    backoff grows by 1.6 a try up to 2 minutes, so a peer back after an outage of a few seconds would
+    stay unreached for seconds more: long enough for a coordinator to declare a live worker lost."""
+    max_ms = max(int(max_backoff_s * 1000), 1)
+    return [("grpc.initial_reconnect_backoff_ms", min(max_ms, 1000)), ("grpc.max_reconnect_backoff_ms", max_ms)]
+
+
+def client_channel(target: str, security: TransportSecurity, *, max_backoff_s: float | None = None) -> grpc.Channel:
+    """A channel to `target` that uses TLS and sends the cluster token as `security` says, and
+    reconnects at least every `max_backoff_s` once a connection is lost (gRPC's default when None)."""
+    options = reconnect_options(max_backoff_s) if max_backoff_s is not None else []
     if security.tls:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=security.ca_pem, private_key=security.key_pem, certificate_chain=security.cert_pem
         )
-        options = [("grpc.ssl_target_name_override", security.server_name)] if security.server_name else []
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
         channel = grpc.secure_channel(target, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(target, options=options)
     if security.token:
         channel = grpc.intercept_channel(channel, TokenClientInterceptor(security.token))
     return channel

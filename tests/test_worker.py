@@ -434,3 +434,39 @@ def test_sigterm_delivered_to_a_thread_other_than_the_main_one_still_stops_the_w
     sys_tgkill = 234  # x86_64
     assert libc.syscall(sys_tgkill, pid, others[-1], signal.SIGTERM) == 0, ctypes.get_errno()
     assert service.proc.wait(10) == 0
+
+
+def test_a_worker_is_heard_again_within_its_ttl_of_a_long_coordinator_outage_ending(tmp_path):
+    # A restarted coordinator waits one worker ttl before it declares silent workers lost (and reruns
+    # their tasks). gRPC's own reconnect backoff grows to 1.6^n s (up to 2 min), so after an outage of a
+    # few seconds a worker would stay silent seconds past the coordinator's return: the worker bounds it.
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import free_port
+
+    coordinator = RecordingCoordinator()
+    server, coordinator_port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, coordinator)
+    port = free_port()
+    service = Service("outage-worker", [
+        "worker", f"--worker_port=127.0.0.1:{port}", f"--coordinator=127.0.0.1:{coordinator_port}",
+        f"--output_dir={tmp_path / 'out'}", f"--heartbeat_interval_s={TEST_HEARTBEAT_S}",
+    ], dict(os.environ), tmp_path)
+    try:
+        wait_for(lambda: coordinator.heartbeats, 20, what="the worker's first heartbeat")
+        server.stop(0).wait()
+        # Long enough for gRPC's default backoff to leave a gap of seconds: 1, 1.6, 2.56 s after tries.
+        outage_ends = time.monotonic() + 6.0
+        wait_for(lambda: time.monotonic() >= outage_ends, 10, what="the outage")
+        back = RecordingCoordinator()
+        server = grpc.server(ThreadPoolExecutor(4))
+        distrack_pb2_grpc.add_CoordinatorServicer_to_server(back, server)
+        assert server.add_insecure_port(f"127.0.0.1:{coordinator_port}") == coordinator_port
+        server.start()
+        returned_at = time.monotonic()
+        wait_for(lambda: back.heartbeats, 10, what="a heartbeat to the coordinator back")
+        heard_after = time.monotonic() - returned_at
+        assert heard_after < back.worker_ttl_s, f"heard {heard_after:.2f} s after the coordinator came back"
+    finally:
+        service.stop()
+        server.stop(0).wait()

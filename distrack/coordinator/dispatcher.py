@@ -87,8 +87,11 @@ class WorkerClients:
     """One gRPC channel per worker, reused for every call, keyed by worker id (a new worker at an
     old address gets a channel of its own)."""
 
-    def __init__(self, security: TransportSecurity | None = None) -> None:
+    def __init__(self, security: TransportSecurity | None = None, reconnect_s: float | None = None) -> None:
+        """`reconnect_s`: the longest a lost connection to a worker waits before the next try (without
+        a bound, a worker cut off for a few seconds would then be sent nothing for seconds more)."""
         self._security = security or TransportSecurity()
+        self._reconnect_s = reconnect_s
         self._lock = threading.Lock()
         self._stubs: dict[str, tuple[str, grpc.Channel, distrack_pb2_grpc.WorkerStub]] = {}
 
@@ -99,7 +102,7 @@ class WorkerClients:
                 return entry[2]
             if entry is not None:
                 entry[1].close()
-            channel = client_channel(worker.address, self._security)
+            channel = client_channel(worker.address, self._security, max_backoff_s=self._reconnect_s)
             stub = distrack_pb2_grpc.WorkerStub(channel)
             self._stubs[worker.worker_id] = (worker.address, channel, stub)
             return stub

@@ -56,7 +56,10 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
 class CoordinatorClient:
     def __init__(self, targets: Sequence[str], *, report_retry_s: float, stop: threading.Event,
-                 security: TransportSecurity | None = None) -> None:
+                 security: TransportSecurity | None = None, reconnect_s: float | None = None) -> None:
+        """`reconnect_s`: the longest a lost connection to a coordinator waits before the next try (the
+        heartbeat interval, so a coordinator back from an outage hears from the worker well within its
+        ttl)."""
         if not targets:
             raise ValueError("at least one coordinator is needed")
         self.targets = list(targets)
@@ -64,7 +67,8 @@ class CoordinatorClient:
         self._stop = stop
         self._lock = threading.Lock()
         self._current = 0
-        self._channels = [client_channel(t, security or TransportSecurity()) for t in self.targets]
+        self._channels = [client_channel(t, security or TransportSecurity(), max_backoff_s=reconnect_s)
+                          for t in self.targets]
         self._stubs = [distrack_pb2_grpc.CoordinatorStub(c) for c in self._channels]
 
     @property

@@ -97,7 +97,7 @@ def serve(config: WorkerConfig, stop: threading.Event) -> None:
     reports_stop = threading.Event()
     client = CoordinatorClient(
         [c.dial_target() for c in config.coordinators], report_retry_s=config.report_retry_s, stop=reports_stop,
-        security=config.security,
+        security=config.security, reconnect_s=config.heartbeat_interval_s,
     )
     reports = ReportBatcher(client).start()
     # Tasks start in the task directory: the worker makes it its own working directory (every path it
