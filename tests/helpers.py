@@ -80,15 +80,17 @@ def with_database(url: str, dbname: str) -> str:
 
 
 class Service:
-    """One `python -m distrack ...` process, with its log in a file; stopped by PID."""
+    """One `python -m distrack ...` process (or of another module: `module`), with its log in a file;
+    stopped by PID."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, module: str = "distrack"
+                 ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distrack", *argv],
+            [sys.executable, "-m", module, *argv],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

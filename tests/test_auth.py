@@ -182,6 +182,21 @@ def test_the_app_gunicorn_loads_by_itself_reads_the_token_from_the_environment(m
     assert pools == ["postgresql://nowhere/none"]
 
 
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "10", True, None])
+def test_the_app_gunicorn_loads_by_itself_refuses_a_bad_statement_timeout(monkeypatch, bad):
+    from distrack.scheduler import app as app_module
+
+    pools = []
+    monkeypatch.setattr(app_module, "make_pool", lambda url, **kw: pools.append(kw) or object())
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nowhere/none")
+    monkeypatch.setenv("DISTRACK_API_TOKEN", TOKEN)
+    with pytest.raises(ConfigError, match="statement_timeout_s must be a positive number of seconds"):
+        app_module.create_app_from_env(statement_timeout_s=bad)
+    assert pools == []
+    app_module.create_app_from_env(statement_timeout_s=2)
+    assert pools == [{"name": "scheduler", "statement_timeout_s": 2}]
+
+
 def test_a_short_token_is_accepted_with_a_warning():
     assert short_token_warning(None) is None
     assert short_token_warning("x" * MIN_API_TOKEN_CHARS) is None

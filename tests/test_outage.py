@@ -49,13 +49,19 @@ def test_scheduler_answers_503_while_the_database_is_down_and_recovers_by_itself
         pg.stop()
 
 
-def test_a_statement_held_up_past_the_timeout_gets_503_and_stores_nothing(db_url, tmp_path):
+@pytest.mark.parametrize("started_by", ["distrack scheduler", "gunicorn"])
+def test_a_statement_held_up_past_the_timeout_gets_503_and_stores_nothing(db_url, tmp_path, started_by):
     # A lock the insert waits on (a migration, an admin's long transaction): the request must not hang
     # (the client below gives up after 10 s, gunicorn kills the process after 60 s).
     port = free_port()
     env = dict(os.environ, DATABASE_URL=db_url)
-    scheduler = Service("scheduler", ["scheduler", f"--scheduler_port=127.0.0.1:{port}", "--http_workers=1",
-                                      "--statement_timeout_s=0.5"], env, tmp_path)
+    if started_by == "gunicorn":  # as README says to run it without `distrack scheduler`
+        scheduler = Service("scheduler", [f"--bind=127.0.0.1:{port}", "--workers=1",
+                                          "distrack.scheduler.app:create_app_from_env(statement_timeout_s=0.5)"],
+                            env, tmp_path, module="gunicorn")
+    else:
+        scheduler = Service("scheduler", ["scheduler", f"--scheduler_port=127.0.0.1:{port}", "--http_workers=1",
+                                          "--statement_timeout_s=0.5"], env, tmp_path)
     try:
         api = Api(f"http://127.0.0.1:{port}")
         wait_for(lambda: api.request("GET", "/health")[0] == 200, 30, what="the scheduler")
