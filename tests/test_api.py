@@ -173,8 +173,12 @@ def test_a_batch_is_stored_in_one_statement_with_one_wake_up(store, db_url):
     assert resp.json["count"] == 1000
     assert [t["command"] for t in resp.json["tasks"]] == [t["command"] for t in tasks]  # the input's order
     assert len(notifies) == 1
-    first = store.get_task(uuid.UUID(resp.json["tasks"][0]["task_id"]))
-    assert first["command"] == "echo 0" and first["status"] == "queued"
+    # The database makes the ids: one random (version 4) id per task, the one it is stored under.
+    answered = {uuid.UUID(t["task_id"]): t["command"] for t in resp.json["tasks"]}
+    assert len(answered) == 1000 and {i.version for i in answered} == {4}
+    with psycopg.connect(db_url) as conn:
+        stored = dict(conn.execute("SELECT id, command FROM tasks WHERE status = 'queued'").fetchall())
+    assert stored == answered
 
 
 def test_a_bad_batch_stores_nothing(client, store, db_url):

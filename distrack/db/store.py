@@ -134,7 +134,7 @@ class TaskStore:
         """Commits a batch of queued tasks in one statement (one wake-up). Returns how many, and the new
         tasks as the API shows them: a JSON array in the input's order."""
         batch = json.dumps(
-            [{"id": str(uuid.uuid4()), "command": t.command, "delay_seconds": float(t.delay_seconds),
+            [{"command": t.command, "delay_seconds": float(t.delay_seconds),
               "max_attempts": t.max_attempts, "timeout_seconds": t.timeout_seconds} for t in tasks],
             # UTF-8 as it is: the database converts it, or refuses what its encoding cannot hold.
             ensure_ascii=False,
