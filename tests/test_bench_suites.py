@@ -24,9 +24,11 @@ from distrack.bench.machine import (
     CpuMeter,
     CpuUsage,
     MemoryGrowth,
+    RssSampler,
     memory_growth,
     parse_proc_stat,
     parse_process_stat,
+    service_rss,
     steal_share,
     tree_cpu_s,
 )
@@ -225,6 +227,34 @@ def test_cpu_split_per_task_groups_the_workers_and_names_the_rest():
         "the rest of the machine": 1.8})
     unknown = measure_run("e2e", load_result(1), [task("a", completed=1)], 0, CpuUsage(1.0, 0.5, 0.02))
     assert unknown.cpu_split_ms_per_task() == {}
+
+
+def test_only_the_scheduler_counts_its_children_running_the_same_program(tmp_path):
+    # A worker's children are its commands: one caught between its spawn and its exec runs the worker's
+    # own program, and counting it would add the worker's RSS again. gunicorn's workers are the
+    # scheduler's children and part of it. Here one process stands for both: it forks a copy of itself.
+    ready = tmp_path / "ready"
+    script = ("import os, sys, time\n"
+              "ballast = bytearray(64 * 1024 * 1024)\n"  # touched, so a forked copy has it in its RSS too
+              "if os.fork() == 0:\n    time.sleep(60); os._exit(0)\n"
+              f"open({str(ready)!r}, 'w').close()\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        wait_for(ready.exists, 20, what="the parent and its child")
+        alone, with_children = service_rss(parent.pid), service_rss(parent.pid, with_children=True)
+        assert alone is not None and with_children is not None
+        assert with_children > alone + 32 * 1024 * 1024
+        sampler = RssSampler({"scheduler": parent.pid, "worker 1": parent.pid}, interval_s=60).start()
+        wait_for(lambda: sampler.samples, 10, what="a sample")
+        (sample,) = sampler.stop()
+        assert sample["scheduler"] > sample["worker 1"] + 32 * 1024 * 1024
+    finally:
+        import psutil
+
+        for child in psutil.Process(parent.pid).children():
+            child.kill()
+        parent.kill()
+        parent.wait()
 
 
 def test_memory_growth_compares_the_first_and_last_thirds():
