@@ -21,6 +21,8 @@ def app(environ, start_response):  # noqa: ANN001, ANN201 - WSGI
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
     if path == "/slow":
+        if environ.get("HTTP_X_STARTED_MARKER"):  # tells the test the request is under way
+            open(environ["HTTP_X_STARTED_MARKER"], "w").close()
         time.sleep(float(environ.get("QUERY_STRING") or "1"))
     body = environ["wsgi.input"].read() if environ.get("CONTENT_LENGTH") else b""
     payload = f"{path} {count} ".encode() + body

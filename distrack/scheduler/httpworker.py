@@ -89,6 +89,7 @@ class ConnectionThreadWorker(base.Worker):
         self._open_changed = threading.Condition()
         self._stop_r = self._stop_w = -1
         self._out_of_resources = False  # logged once per episode, not once per retry
+        self._quick_exit = False
 
     def init_process(self) -> None:
         # Readable once shutdown begins; every idle connection polls it beside its socket. Never
@@ -99,6 +100,12 @@ class ConnectionThreadWorker(base.Worker):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.alive = False
         self._wake_connections()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        # A quick shutdown (the arbiter got SIGINT or SIGQUIT): gunicorn's own workers exit at once,
+        # dropping the requests under way, and so does this one, without the graceful wait.
+        self._quick_exit = True
+        super().handle_quit(sig, frame)
 
     def _wake_connections(self) -> None:
         with contextlib.suppress(BlockingIOError):  # already full of wake-ups
@@ -192,6 +199,8 @@ class ConnectionThreadWorker(base.Worker):
         then close) within the graceful timeout."""
         self.alive = False
         self._wake_connections()
+        if self._quick_exit:
+            return  # the connection threads are daemons: they end with the process
         deadline = time.monotonic() + self.cfg.graceful_timeout
         with self._open_changed:
             while self._open and time.monotonic() < deadline:
