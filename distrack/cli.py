@@ -63,6 +63,15 @@ def _positive(kind: type):  # noqa: ANN202
     return parse
 
 
+def _statement_timeout(text: str) -> float:
+    try:
+        return cfg.check_statement_timeout(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _tasks_per_worker(minimum: int):  # noqa: ANN202
     """A number of tasks a worker holds (--slots, --prefetch): heartbeats carry it as a 32-bit integer,
     and each is a thread."""
@@ -227,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024 * 1024,
         help="largest request body accepted; larger ones get 413 (default %(default)s)",
     )
-    _flag(p, "statement_timeout_s", type=_positive(float), default=cfg.DEFAULT_STATEMENT_TIMEOUT_S,
+    _flag(p, "statement_timeout_s", type=_statement_timeout, default=cfg.DEFAULT_STATEMENT_TIMEOUT_S,
           help="longest a request's SQL statement may run (waiting on a lock, say); the request then "
           "gets 503 and nothing of it is stored (default %(default)g)")
     _flag(p, "https_cert", default=None, metavar="PEM",

@@ -48,6 +48,18 @@ LINGER_S = 0.005
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 # Well under gunicorn's worker timeout (60 s), which would kill the process and every connection on it.
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
+# PostgreSQL's statement_timeout is a 32-bit count of milliseconds: about 24.8 days.
+MAX_STATEMENT_TIMEOUT_S = (2**31 - 1) // 1000
+
+
+def check_statement_timeout(value: object) -> float:
+    """`value` as a statement timeout in seconds: a number greater than 0 and at most
+    MAX_STATEMENT_TIMEOUT_S, else a ConfigError (beyond it, PostgreSQL would refuse every connection's
+    setup, and every request would get 503)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_STATEMENT_TIMEOUT_S:
+        raise ConfigError(f"statement_timeout_s must be a number of seconds greater than 0 and at most "
+                          f"{MAX_STATEMENT_TIMEOUT_S}, not {value!r}")
+    return float(value)
 # First retry delay; each further attempt doubles it (with jitter).
 DEFAULT_RETRY_DELAY_S = 1.0
 # Relative to where the worker starts, like its output folder.

@@ -217,16 +217,24 @@ def _reason(exc: BaseException) -> str:
 
 
 def reconnect_options(max_backoff_s: float) -> list[tuple[str, int]]:
-    """Channel options that retry a lost connection at least every `max_backoff_s`. gRPC's default
-    backoff grows by 1.6 a try up to 2 minutes, so a peer back after an outage of a few seconds would
-    stay unreached for seconds more: long enough for a coordinator to declare a live worker lost."""
+    """Channel options that retry a lost connection about every `max_backoff_s` (gRPC adds +-20%
+    jitter). gRPC's default backoff grows by 1.6 a try up to 2 minutes, so a peer back after an outage of
+    a few seconds would stay unreached for seconds more: long enough for a coordinator to declare a live
+    worker lost. Also bounded: how long one connection attempt may hang on a peer that drops it instead
+    of refusing it (gRPC's "min reconnect backoff" is that timeout, 20 s by default), and how soon the
+    peer's name is looked up again (30 s by default; a restarted container may have a new address)."""
     max_ms = max(int(max_backoff_s * 1000), 1)
-    return [("grpc.initial_reconnect_backoff_ms", min(max_ms, 1000)), ("grpc.max_reconnect_backoff_ms", max_ms)]
+    return [
+        ("grpc.initial_reconnect_backoff_ms", min(max_ms, 1000)),
+        ("grpc.max_reconnect_backoff_ms", max_ms),
+        ("grpc.min_reconnect_backoff_ms", max(max_ms, 1000)),
+        ("grpc.dns_min_time_between_resolutions_ms", max_ms),
+    ]
 
 
 def client_channel(target: str, security: TransportSecurity, *, max_backoff_s: float | None = None) -> grpc.Channel:
     """A channel to `target` that uses TLS and sends the cluster token as `security` says, and
-    reconnects at least every `max_backoff_s` once a connection is lost (gRPC's default when None)."""
+    reconnects about every `max_backoff_s` once a connection is lost (gRPC's default when None)."""
     options = reconnect_options(max_backoff_s) if max_backoff_s is not None else []
     if security.tls:
         credentials = grpc.ssl_channel_credentials(

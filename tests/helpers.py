@@ -70,6 +70,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ConnectionCounter:
+    """A peer that is down as far as gRPC can tell: a TCP listener on `port` that accepts every
+    connection and closes it at once (no HTTP/2), counting them, so a client's reconnect attempts can
+    be counted. A context manager; it stops listening on exit."""
+
+    def __init__(self, port: int) -> None:
+        self.count = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(64)
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="connection-counter", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+            self.count += 1
+
+    def __enter__(self) -> ConnectionCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
 def with_database(url: str, dbname: str) -> str:
     params = conninfo_to_dict(url)
     params["dbname"] = dbname

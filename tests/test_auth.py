@@ -182,7 +182,7 @@ def test_the_app_gunicorn_loads_by_itself_reads_the_token_from_the_environment(m
     assert pools == ["postgresql://nowhere/none"]
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "10", True, None])
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), 2_147_484, "10", True, None])
 def test_the_app_gunicorn_loads_by_itself_refuses_a_bad_statement_timeout(monkeypatch, bad):
     from distrack.scheduler import app as app_module
 
@@ -190,11 +190,11 @@ def test_the_app_gunicorn_loads_by_itself_refuses_a_bad_statement_timeout(monkey
     monkeypatch.setattr(app_module, "make_pool", lambda url, **kw: pools.append(kw) or object())
     monkeypatch.setenv("DATABASE_URL", "postgresql://nowhere/none")
     monkeypatch.setenv("DISTRACK_API_TOKEN", TOKEN)
-    with pytest.raises(ConfigError, match="statement_timeout_s must be a positive number of seconds"):
+    with pytest.raises(ConfigError, match="statement_timeout_s must be a number of seconds greater than 0"):
         app_module.create_app_from_env(statement_timeout_s=bad)
     assert pools == []
     app_module.create_app_from_env(statement_timeout_s=2)
-    assert pools == [{"name": "scheduler", "statement_timeout_s": 2}]
+    assert pools == [{"name": "scheduler", "statement_timeout_s": 2.0}]
 
 
 def test_a_short_token_is_accepted_with_a_warning():

@@ -71,6 +71,8 @@ def test_prefetch_is_four_tasks_per_slot_unless_given():
         ["scheduler", "--scheduler_port=70000"],
         ["scheduler", "--statement_timeout_s=0"],
         ["scheduler", "--statement_timeout_s=soon"],
+        ["scheduler", "--statement_timeout_s=nan"],
+        ["scheduler", "--statement_timeout_s=2147484"],  # past PostgreSQL's 32-bit milliseconds
         ["nope"],
     ],
 )

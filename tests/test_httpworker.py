@@ -254,15 +254,15 @@ def test_a_quick_shutdown_does_not_wait_for_the_request_under_way(tmp_path):
     g = Gunicorn(tmp_path, "--graceful-timeout", "30")
     try:
         (worker,) = _worker_pids(g)
-        busy = g.connect()
-        marker = tmp_path / "started"
-        busy.sendall(request("/slow?20").replace(b"\r\n\r\n", f"\r\nX-Started-Marker: {marker}\r\n\r\n".encode()))
-        wait_for(marker.exists, 10, what="the request to start")
-        g.proc.send_signal(signal.SIGINT)
-        wait_for(lambda: not pid_alive(worker), 5, what="the worker to exit")
-        assert closed_by_server(busy)  # no answer: the request was dropped
+        with g.connect() as busy:
+            marker = tmp_path / "started"
+            head = f"\r\nX-Started-Marker: {marker}\r\n\r\n".encode()
+            busy.sendall(request("/slow?20").replace(b"\r\n\r\n", head))
+            wait_for(marker.exists, 10, what="the request to start")
+            g.proc.send_signal(signal.SIGINT)
+            wait_for(lambda: not pid_alive(worker), 5, what="the worker to exit")
+            assert closed_by_server(busy)  # no answer: the request was dropped
         assert g.proc.wait(10) == 0
-        busy.close()
     finally:
         g.stop()
 

@@ -56,7 +56,7 @@ def test_a_statement_held_up_past_the_timeout_gets_503_and_stores_nothing(db_url
     port = free_port()
     env = dict(os.environ, DATABASE_URL=db_url)
     if started_by == "gunicorn":  # as README says to run it without `distrack scheduler`
-        scheduler = Service("scheduler", [f"--bind=127.0.0.1:{port}", "--workers=1",
+        scheduler = Service("scheduler", [f"--bind=127.0.0.1:{port}", "--workers=1", "--no-control-socket",
                                           "distrack.scheduler.app:create_app_from_env(statement_timeout_s=0.5)"],
                             env, tmp_path, module="gunicorn")
     else:

@@ -8,7 +8,6 @@ and is what gunicorn loads in each worker process after the fork, e.g.
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import falcon
 
 from distrack.apitoken import api_token_from_env
-from distrack.config import DEFAULT_STATEMENT_TIMEOUT_S, require_database_url
+from distrack.config import DEFAULT_STATEMENT_TIMEOUT_S, check_statement_timeout, require_database_url
 from distrack.db.pool import make_pool
 from distrack.db.store import TaskStore
-from distrack.errors import ConfigError, DatabaseUnavailable, DataRejected
+from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.scheduler.auth import BearerAuth
 from distrack.scheduler.group_insert import GroupInserter
 from distrack.scheduler.openapi import openapi_document
@@ -202,9 +201,7 @@ def create_app_from_env(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     """The WSGI app with its own pool, for gunicorn to load in each worker after the fork; the token
     comes from DISTRACK_API_TOKEN or DISTRACK_API_TOKEN_FILE. The settings `distrack scheduler` takes as
     flags are arguments here: `gunicorn 'distrack.scheduler.app:create_app_from_env(statement_timeout_s=30)'`."""
-    if isinstance(statement_timeout_s, bool) or not isinstance(statement_timeout_s, int | float) \
-            or not math.isfinite(statement_timeout_s) or statement_timeout_s <= 0:
-        raise ConfigError(f"statement_timeout_s must be a positive number of seconds, not {statement_timeout_s!r}")
+    statement_timeout_s = check_statement_timeout(statement_timeout_s)
     api_token = api_token_from_env()
     store = TaskStore(make_pool(require_database_url(), name="scheduler", statement_timeout_s=statement_timeout_s))
     return create_app(store, max_body_bytes=max_body_bytes, api_token=api_token)
