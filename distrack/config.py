@@ -50,6 +50,10 @@ DEFAULT_SHUTDOWN_GRACE_S = 30.0
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
 # PostgreSQL's statement_timeout is a 32-bit count of milliseconds: about 24.8 days.
 MAX_STATEMENT_TIMEOUT_S = (2**31 - 1) // 1000
+# First retry delay; each further attempt doubles it (with jitter).
+DEFAULT_RETRY_DELAY_S = 1.0
+# Relative to where the worker starts, like its output folder.
+DEFAULT_TASK_DIR = "worker_tasks"
 
 
 def check_statement_timeout(value: object) -> float:
@@ -60,10 +64,6 @@ def check_statement_timeout(value: object) -> float:
         raise ConfigError(f"statement_timeout_s must be a number of seconds greater than 0 and at most "
                           f"{MAX_STATEMENT_TIMEOUT_S}, not {value!r}")
     return float(value)
-# First retry delay; each further attempt doubles it (with jitter).
-DEFAULT_RETRY_DELAY_S = 1.0
-# Relative to where the worker starts, like its output folder.
-DEFAULT_TASK_DIR = "worker_tasks"
 
 
 @dataclass(frozen=True)
