@@ -216,14 +216,14 @@ def _reason(exc: BaseException) -> str:
 # --- clients
 
 
-def reconnect_options(max_backoff_s: float) -> list[tuple[str, int]]:
-    """Channel options that retry a lost connection about every `max_backoff_s` (gRPC adds +-20%
+def reconnect_options(reconnect_s: float) -> list[tuple[str, int]]:
+    """Channel options that retry a lost connection about every `reconnect_s` (gRPC adds +-20%
     jitter). gRPC's default backoff grows by 1.6 a try up to 2 minutes, so a peer back after an outage of
     a few seconds would stay unreached for seconds more: long enough for a coordinator to declare a live
     worker lost. Also bounded: how long one connection attempt may hang on a peer that drops it instead
     of refusing it (gRPC's "min reconnect backoff" is that timeout, 20 s by default), and how soon the
     peer's name is looked up again (30 s by default; a restarted container may have a new address)."""
-    max_ms = max(int(max_backoff_s * 1000), 1)
+    max_ms = max(int(reconnect_s * 1000), 1)
     return [
         ("grpc.initial_reconnect_backoff_ms", min(max_ms, 1000)),
         ("grpc.max_reconnect_backoff_ms", max_ms),
@@ -232,10 +232,10 @@ def reconnect_options(max_backoff_s: float) -> list[tuple[str, int]]:
     ]
 
 
-def client_channel(target: str, security: TransportSecurity, *, max_backoff_s: float | None = None) -> grpc.Channel:
+def client_channel(target: str, security: TransportSecurity, *, reconnect_s: float | None = None) -> grpc.Channel:
     """A channel to `target` that uses TLS and sends the cluster token as `security` says, and
-    reconnects about every `max_backoff_s` once a connection is lost (gRPC's default when None)."""
-    options = reconnect_options(max_backoff_s) if max_backoff_s is not None else []
+    reconnects about every `reconnect_s` once a connection is lost (gRPC's default when None)."""
+    options = reconnect_options(reconnect_s) if reconnect_s is not None else []
     if security.tls:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=security.ca_pem, private_key=security.key_pem, certificate_chain=security.cert_pem

@@ -342,16 +342,18 @@ class Api:
 INPROGRESS = distrack_pb2.TaskStatus.INPROGRESS
 
 
-def serve_in_test(add_servicer: Callable[[Any, grpc.Server], None], servicer: Any, threads: int = 4
-                  ) -> tuple[grpc.Server, int]:
-    """A started plaintext gRPC server for one servicer on a free loopback port (stop it when done)."""
+def serve_in_test(add_servicer: Callable[[Any, grpc.Server], None], servicer: Any, threads: int = 4,
+                  port: int = 0) -> tuple[grpc.Server, int]:
+    """A started plaintext gRPC server for one servicer on a loopback port (a free one unless given;
+    give the port of a server just stopped to start it again); stop it when done."""
     from concurrent.futures import ThreadPoolExecutor
 
     server = grpc.server(ThreadPoolExecutor(threads))
     add_servicer(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    assert bound and (port == 0 or bound == port), f"could not listen on port {port}"
     server.start()
-    return server, port
+    return server, bound
 
 
 class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):

@@ -495,10 +495,7 @@ def test_the_coordinator_tries_to_reach_a_worker_about_once_a_heartbeat_through_
             wait_for(lambda: not called() and time.monotonic() >= window_ends, 10, interval=heartbeat_s,
                      what="the outage")
         assert down.count >= 8, f"{down.count} connection attempts in 4 s"
-        server = grpc.server(ThreadPoolExecutor(2))
-        distrack_pb2_grpc.add_WorkerServicer_to_server(worker, server)
-        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
-        server.start()
+        server, _ = serve_in_test(distrack_pb2_grpc.add_WorkerServicer_to_server, worker, threads=2, port=port)
         wait_for(called, 10, what="a call through once the worker is back")
     finally:
         clients.close()

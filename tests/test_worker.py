@@ -448,7 +448,6 @@ def test_a_worker_tries_to_reach_its_coordinator_about_once_a_heartbeat_through_
     # their tasks). gRPC's own reconnect backoff grows to 2 minutes: after an outage of a few seconds a
     # worker would stay silent seconds past the coordinator's return, so the worker bounds it.
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     from helpers import ConnectionCounter, free_port
 
@@ -467,10 +466,7 @@ def test_a_worker_tries_to_reach_its_coordinator_about_once_a_heartbeat_through_
             wait_for(lambda: time.monotonic() >= window_ends, OUTAGE_WINDOW_S + 5, what="the outage")
         assert down.count >= MIN_RECONNECTS, f"{down.count} connection attempts in {OUTAGE_WINDOW_S} s"
         back = RecordingCoordinator()
-        server = grpc.server(ThreadPoolExecutor(4))
-        distrack_pb2_grpc.add_CoordinatorServicer_to_server(back, server)
-        assert server.add_insecure_port(f"127.0.0.1:{coordinator_port}") == coordinator_port
-        server.start()
+        server, _ = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, back, port=coordinator_port)
         wait_for(lambda: back.heartbeats, 10, what="a heartbeat to the coordinator back")
     finally:
         service.stop()

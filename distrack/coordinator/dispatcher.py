@@ -102,7 +102,7 @@ class WorkerClients:
                 return entry[2]
             if entry is not None:
                 entry[1].close()
-            channel = client_channel(worker.address, self._security, max_backoff_s=self._reconnect_s)
+            channel = client_channel(worker.address, self._security, reconnect_s=self._reconnect_s)
             stub = distrack_pb2_grpc.WorkerStub(channel)
             self._stubs[worker.worker_id] = (worker.address, channel, stub)
             return stub

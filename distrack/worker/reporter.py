@@ -67,7 +67,7 @@ class CoordinatorClient:
         self._stop = stop
         self._lock = threading.Lock()
         self._current = 0
-        self._channels = [client_channel(t, security or TransportSecurity(), max_backoff_s=reconnect_s)
+        self._channels = [client_channel(t, security or TransportSecurity(), reconnect_s=reconnect_s)
                           for t in self.targets]
         self._stubs = [distrack_pb2_grpc.CoordinatorStub(c) for c in self._channels]
 
