@@ -253,14 +253,12 @@ RETURNING (xmax = 0) AS joined;
 
 -- runs_to_stop --
 -- Of the tasks a worker says it runs, those it no longer owns (rescued, reassigned, finished
--- elsewhere) or whose cancel was asked.
-SELECT r.id
+-- elsewhere) or whose cancel was asked (cancel_asked: still its own, but to stop as cancelled).
+SELECT r.id, t.id IS NOT NULL AS cancel_asked
 FROM unnest(%(task_ids)s::uuid[]) AS r (id)
-WHERE NOT EXISTS (
-    SELECT 1 FROM tasks AS t
-    WHERE t.id = r.id AND t.worker_id = %(worker_id)s AND t.status IN ('picked', 'running')
-      AND t.cancel_requested_at IS NULL
-);
+LEFT JOIN tasks AS t
+    ON t.id = r.id AND t.worker_id = %(worker_id)s AND t.status IN ('picked', 'running')
+WHERE t.id IS NULL OR t.cancel_requested_at IS NOT NULL;
 
 -- live_workers --
 -- Every coordinator's view of the workers: those heard from within the ttl, in the order they

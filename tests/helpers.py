@@ -370,6 +370,7 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
         self.worker_ttl_s = 3 * TEST_HEARTBEAT_S  # what a real coordinator with the test heartbeat says
         self.heartbeats_unanswered = False  # as if the worker were cut off from it (reports still pass)
         self.stop_task_ids: set[str] = set()  # runs every heartbeat answer tells the worker to stop
+        self.cancel_task_ids: set[str] = set()  # of those, the ones to stop because their cancel was asked
         # When set: the next heartbeat's answer is decided, then held until `release` is set (`held` says
         # it is being held), as if the coordinator were slow to answer.
         self.hold_next_answer: tuple[threading.Event, threading.Event] | None = None
@@ -380,12 +381,14 @@ class RecordingCoordinator(distrack_pb2_grpc.CoordinatorServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "unreachable (test)")
             self.heartbeats.append(request)
             stop = sorted(self.stop_task_ids)
+            cancel = sorted(self.cancel_task_ids)
             hold, self.hold_next_answer = self.hold_next_answer, None
         if hold is not None:
             held, release = hold
             held.set()
             release.wait(10)
-        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, worker_ttl_s=self.worker_ttl_s)
+        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, cancel_task_ids=cancel,
+                                              worker_ttl_s=self.worker_ttl_s)
 
     def ReportTasks(self, request, context):
         # Refused or recorded as a whole, like a coordinator whose database is down or up.

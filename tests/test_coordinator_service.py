@@ -153,9 +153,12 @@ def test_a_heartbeat_lists_the_runs_to_stop(served, store):
     a = claim(store)
     served.report(a, Status.INPROGRESS)
     stranger = str(uuid.uuid4())
-    assert served.heartbeat("w1", unfinished=[str(mine), stranger]) == [stranger]
+    reply = served.heartbeat_reply("w1", unfinished=[str(mine), stranger])
+    assert list(reply.stop_task_ids) == [stranger] and not reply.cancel_task_ids
     store.cancel_task(mine)
-    assert served.heartbeat("w1", unfinished=[str(mine)]) == [str(mine)]
+    reply = served.heartbeat_reply("w1", unfinished=[str(mine), stranger])
+    # A cancel is in both lists: a worker that does not know cancel_task_ids still stops it.
+    assert sorted(reply.stop_task_ids) == sorted([str(mine), stranger]) and list(reply.cancel_task_ids) == [str(mine)]
 
 
 def test_a_heartbeat_that_cannot_be_recorded_holds_back_the_rescue(db_url):

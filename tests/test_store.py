@@ -246,10 +246,12 @@ def test_runs_to_stop_are_those_a_worker_no_longer_owns(store):
     mine = store.insert_task("echo", 0)["id"]
     a = claim_one(store, "w1")
     gone = uuid.uuid4()
-    assert store.runs_to_stop("w1", [str(mine), str(gone)]) == [str(gone)]
-    assert store.runs_to_stop("w2", [str(mine)]) == [str(mine)]
+    assert store.runs_to_stop("w1", [str(mine), str(gone)]) == {str(gone): False}
+    assert store.runs_to_stop("w2", [str(mine)]) == {str(mine): False}
     store.cancel_task(mine)
-    assert store.runs_to_stop("w1", [str(a.task_id)]) == [str(mine)]
+    # Still its own, to stop as cancelled; another worker's copy is simply not its own.
+    assert store.runs_to_stop("w1", [str(a.task_id)]) == {str(mine): True}
+    assert store.runs_to_stop("w2", [str(mine)]) == {str(mine): False}
 
 
 def test_cancel_a_queued_task_at_once_and_a_running_one_through_its_worker(store):

@@ -9,7 +9,7 @@ import pytest
 from helpers import TEST_HEARTBEAT_S, RecordingCoordinator, Service, free_port, serve_in_test, wait_for
 
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
-from distrack.worker.service import GIVE_BACK_S, START_REFUSED
+from distrack.worker.service import GIVE_BACK_S, NOT_OWNER, START_REFUSED
 
 Status = distrack_pb2.TaskStatus
 
@@ -270,6 +270,22 @@ def test_a_task_given_back_and_sent_again_stays_listed_until_its_new_run_is_repo
     hb = wait_for(lambda: coordinator.heartbeats[-1] if len(coordinator.heartbeats) > settled + 1 else None,
                   what="heartbeats after the report was settled")
     assert task in hb.unfinished_task_ids and task in hb.running_task_ids
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_a_run_a_heartbeat_says_to_stop_ends_with_why(coordinator, worker, tmp_path, cancel):
+    # Cancelled, if its cancel was asked (the heartbeat's answer may bring it before CancelTask does);
+    # else no longer this worker's.
+    _, stub = worker()
+    task = submit(stub, gated(tmp_path / "never"))
+    wait_for(lambda: Status.INPROGRESS in coordinator.statuses(task), what="the start report")
+    with coordinator.lock:
+        coordinator.stop_task_ids.add(task)
+        if cancel:
+            coordinator.cancel_task_ids.add(task)
+    final = wait_for(lambda: coordinator.final(task), timeout=10, what="the stopped run's report")
+    assert final.status == Status.FAILED
+    assert (final.error, final.cancelled) == (("cancelled", True) if cancel else (NOT_OWNER, False))
 
 
 def test_a_stop_answered_late_spares_a_newer_run_of_the_same_task(coordinator, worker):

@@ -47,7 +47,7 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         listed = [*request.running_task_ids, *request.unfinished_task_ids]
         if any(_uuid_or_none(t) is None for t in listed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "running_task_ids and unfinished_task_ids must be UUIDs")
-        stop: list[str] = []
+        stop: dict[str, bool] = {}  # task id -> whether because its cancel was asked
         prefetch = max(request.prefetch, 0)
         # Told to the worker only when its heartbeat is on record and its runs checked: it starts tasks
         # waiting for a slot only within that ttl (see HeartbeatResponse in the proto).
@@ -71,7 +71,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.wakeup.set()
         if stop:
             log.info("telling %s to stop %s", request.worker_id, ", ".join(stop))
-        return distrack_pb2.HeartbeatResponse(stop_task_ids=stop, worker_ttl_s=ttl_s)
+        return distrack_pb2.HeartbeatResponse(stop_task_ids=list(stop), worker_ttl_s=ttl_s,
+                                              cancel_task_ids=[t for t, cancel in stop.items() if cancel])
 
     def _end_unlisted_runs(self, request: distrack_pb2.HeartbeatRequest) -> None:
         grace_s = 2 * self.config.heartbeat_interval_s + 1.0

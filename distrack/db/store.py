@@ -276,11 +276,13 @@ class TaskStore:
                                           "unfinished": list(unfinished)})
         return bool(row and row["joined"])
 
-    def runs_to_stop(self, worker_id: str, running: Sequence[str]) -> list[str]:
+    def runs_to_stop(self, worker_id: str, running: Sequence[str]) -> dict[str, bool]:
+        """Of the tasks a worker runs, those it must stop, each with whether because its cancel was asked
+        (else it is no longer the worker's)."""
         if not running:
-            return []
+            return {}
         rows = self._all("runs_to_stop", {"worker_id": worker_id, "task_ids": list(running)})
-        return [str(r["id"]) for r in rows]
+        return {str(r["id"]): r["cancel_asked"] for r in rows}
 
     def live_workers(self, ttl_s: float) -> list[LiveWorker]:
         rows = self._all("live_workers", {"ttl_s": ttl_s})

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64istrack/rpc/distrack.proto\x12\x08\x64istrack\"\x8e\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x18\n\x10running_task_ids\x18\x04 \x03(\t\x12\x1b\n\x13unfinished_task_ids\x18\x05 \x03(\t\x12\x10\n\x08prefetch\x18\x06 \x01(\x05\"@\n\x11HeartbeatResponse\x12\x15\n\rstop_task_ids\x18\x01 \x03(\t\x12\x14\n\x0cworker_ttl_s\x18\x02 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"#\n\x12\x43\x61ncelTaskResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"h\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\r\n\x05lease\x18\x05 \x01(\x03\"f\n\x0cTaskResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\"\n\x07refusal\x18\x04 \x01(\x0e\x32\x11.distrack.Refusal\"1\n\tTaskBatch\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.distrack.TaskRequest\"<\n\x11TaskBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.distrack.TaskResponse\"\xc5\x01\n\x10TaskStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.distrack.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\tcancelled\x18\x07 \x01(\x08\x12\r\n\x05lease\x18\x08 \x01(\x03\x12\x12\n\nstarted_at\x18\t \x01(\x01\"0\n\rTaskStatusAck\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"@\n\x11TaskStatusReports\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.distrack.TaskStatusUpdate\"7\n\x0eTaskStatusAcks\x12%\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x17.distrack.TaskStatusAck*b\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x0e\n\nINPROGRESS\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08RETURNED\x10\x04*m\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x11\n\rSHUTTING_DOWN\x10\x02\x12\x12\n\x0eOLDER_DISPATCH\x10\x03\x12\x0b\n\x07INVALID\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x32\xab\x02\n\x0b\x43oordinator\x12\x44\n\tHeartbeat\x12\x1a.distrack.HeartbeatRequest\x1a\x1b.distrack.HeartbeatResponse\x12G\n\x10UpdateTaskStatus\x12\x1a.distrack.TaskStatusUpdate\x1a\x17.distrack.TaskStatusAck\x12\x44\n\x0bReportTasks\x12\x1b.distrack.TaskStatusReports\x1a\x18.distrack.TaskStatusAcks\x12G\n\nDeregister\x12\x1b.distrack.DeregisterRequest\x1a\x1c.distrack.DeregisterResponse2\xcf\x01\n\x06Worker\x12;\n\nSubmitTask\x12\x15.distrack.TaskRequest\x1a\x16.distrack.TaskResponse\x12?\n\x0bSubmitTasks\x12\x13.distrack.TaskBatch\x1a\x1b.distrack.TaskBatchResponse\x12G\n\nCancelTask\x12\x1b.distrack.CancelTaskRequest\x1a\x1c.distrack.CancelTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64istrack/rpc/distrack.proto\x12\x08\x64istrack\"\x8e\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x18\n\x10running_task_ids\x18\x04 \x03(\t\x12\x1b\n\x13unfinished_task_ids\x18\x05 \x03(\t\x12\x10\n\x08prefetch\x18\x06 \x01(\x05\"Y\n\x11HeartbeatResponse\x12\x15\n\rstop_task_ids\x18\x01 \x03(\t\x12\x14\n\x0cworker_ttl_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x63\x61ncel_task_ids\x18\x03 \x03(\t\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"#\n\x12\x43\x61ncelTaskResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"h\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\r\n\x05lease\x18\x05 \x01(\x03\"f\n\x0cTaskResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\"\n\x07refusal\x18\x04 \x01(\x0e\x32\x11.distrack.Refusal\"1\n\tTaskBatch\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.distrack.TaskRequest\"<\n\x11TaskBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.distrack.TaskResponse\"\xc5\x01\n\x10TaskStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.distrack.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\tcancelled\x18\x07 \x01(\x08\x12\r\n\x05lease\x18\x08 \x01(\x03\x12\x12\n\nstarted_at\x18\t \x01(\x01\"0\n\rTaskStatusAck\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"@\n\x11TaskStatusReports\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.distrack.TaskStatusUpdate\"7\n\x0eTaskStatusAcks\x12%\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x17.distrack.TaskStatusAck*b\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x0e\n\nINPROGRESS\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0c\n\x08RETURNED\x10\x04*m\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x11\n\rSHUTTING_DOWN\x10\x02\x12\x12\n\x0eOLDER_DISPATCH\x10\x03\x12\x0b\n\x07INVALID\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x32\xab\x02\n\x0b\x43oordinator\x12\x44\n\tHeartbeat\x12\x1a.distrack.HeartbeatRequest\x1a\x1b.distrack.HeartbeatResponse\x12G\n\x10UpdateTaskStatus\x12\x1a.distrack.TaskStatusUpdate\x1a\x17.distrack.TaskStatusAck\x12\x44\n\x0bReportTasks\x12\x1b.distrack.TaskStatusReports\x1a\x18.distrack.TaskStatusAcks\x12G\n\nDeregister\x12\x1b.distrack.DeregisterRequest\x1a\x1c.distrack.DeregisterResponse2\xcf\x01\n\x06Worker\x12;\n\nSubmitTask\x12\x15.distrack.TaskRequest\x1a\x16.distrack.TaskResponse\x12?\n\x0bSubmitTasks\x12\x13.distrack.TaskBatch\x1a\x1b.distrack.TaskBatchResponse\x12G\n\nCancelTask\x12\x1b.distrack.CancelTaskRequest\x1a\x1c.distrack.CancelTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distrack.rpc.distrack_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=1085
-  _globals['_TASKSTATUS']._serialized_end=1183
-  _globals['_REFUSAL']._serialized_start=1185
-  _globals['_REFUSAL']._serialized_end=1294
+  _globals['_TASKSTATUS']._serialized_start=1110
+  _globals['_TASKSTATUS']._serialized_end=1208
+  _globals['_REFUSAL']._serialized_start=1210
+  _globals['_REFUSAL']._serialized_end=1319
   _globals['_HEARTBEATREQUEST']._serialized_start=42
   _globals['_HEARTBEATREQUEST']._serialized_end=184
   _globals['_HEARTBEATRESPONSE']._serialized_start=186
-  _globals['_HEARTBEATRESPONSE']._serialized_end=250
-  _globals['_DEREGISTERREQUEST']._serialized_start=252
-  _globals['_DEREGISTERREQUEST']._serialized_end=290
-  _globals['_DEREGISTERRESPONSE']._serialized_start=292
-  _globals['_DEREGISTERRESPONSE']._serialized_end=312
-  _globals['_CANCELTASKREQUEST']._serialized_start=314
-  _globals['_CANCELTASKREQUEST']._serialized_end=350
-  _globals['_CANCELTASKRESPONSE']._serialized_start=352
-  _globals['_CANCELTASKRESPONSE']._serialized_end=387
-  _globals['_TASKREQUEST']._serialized_start=389
-  _globals['_TASKREQUEST']._serialized_end=493
-  _globals['_TASKRESPONSE']._serialized_start=495
-  _globals['_TASKRESPONSE']._serialized_end=597
-  _globals['_TASKBATCH']._serialized_start=599
-  _globals['_TASKBATCH']._serialized_end=648
-  _globals['_TASKBATCHRESPONSE']._serialized_start=650
-  _globals['_TASKBATCHRESPONSE']._serialized_end=710
-  _globals['_TASKSTATUSUPDATE']._serialized_start=713
-  _globals['_TASKSTATUSUPDATE']._serialized_end=910
-  _globals['_TASKSTATUSACK']._serialized_start=912
-  _globals['_TASKSTATUSACK']._serialized_end=960
-  _globals['_TASKSTATUSREPORTS']._serialized_start=962
-  _globals['_TASKSTATUSREPORTS']._serialized_end=1026
-  _globals['_TASKSTATUSACKS']._serialized_start=1028
-  _globals['_TASKSTATUSACKS']._serialized_end=1083
-  _globals['_COORDINATOR']._serialized_start=1297
-  _globals['_COORDINATOR']._serialized_end=1596
-  _globals['_WORKER']._serialized_start=1599
-  _globals['_WORKER']._serialized_end=1806
+  _globals['_HEARTBEATRESPONSE']._serialized_end=275
+  _globals['_DEREGISTERREQUEST']._serialized_start=277
+  _globals['_DEREGISTERREQUEST']._serialized_end=315
+  _globals['_DEREGISTERRESPONSE']._serialized_start=317
+  _globals['_DEREGISTERRESPONSE']._serialized_end=337
+  _globals['_CANCELTASKREQUEST']._serialized_start=339
+  _globals['_CANCELTASKREQUEST']._serialized_end=375
+  _globals['_CANCELTASKRESPONSE']._serialized_start=377
+  _globals['_CANCELTASKRESPONSE']._serialized_end=412
+  _globals['_TASKREQUEST']._serialized_start=414
+  _globals['_TASKREQUEST']._serialized_end=518
+  _globals['_TASKRESPONSE']._serialized_start=520
+  _globals['_TASKRESPONSE']._serialized_end=622
+  _globals['_TASKBATCH']._serialized_start=624
+  _globals['_TASKBATCH']._serialized_end=673
+  _globals['_TASKBATCHRESPONSE']._serialized_start=675
+  _globals['_TASKBATCHRESPONSE']._serialized_end=735
+  _globals['_TASKSTATUSUPDATE']._serialized_start=738
+  _globals['_TASKSTATUSUPDATE']._serialized_end=935
+  _globals['_TASKSTATUSACK']._serialized_start=937
+  _globals['_TASKSTATUSACK']._serialized_end=985
+  _globals['_TASKSTATUSREPORTS']._serialized_start=987
+  _globals['_TASKSTATUSREPORTS']._serialized_end=1051
+  _globals['_TASKSTATUSACKS']._serialized_start=1053
+  _globals['_TASKSTATUSACKS']._serialized_end=1108
+  _globals['_COORDINATOR']._serialized_start=1322
+  _globals['_COORDINATOR']._serialized_end=1621
+  _globals['_WORKER']._serialized_start=1624
+  _globals['_WORKER']._serialized_end=1831
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ from distrack.transport import describe_rpc_error
 from distrack.worker.environment import TaskEnvironment, prepare_task_dir
 from distrack.worker.identity import advertised_address, new_worker_id
 from distrack.worker.reporter import CoordinatorClient, ReportBatcher
-from distrack.worker.service import NOT_OWNER, WorkerService
+from distrack.worker.service import CANCELLED, NOT_OWNER, WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,13 @@ class Heartbeats:
                     log.info("coordinator %s reachable again", self.client.target)
                 reachable = True
                 if reply.stop_task_ids:
-                    self.service.stop_listed_runs(
-                        {t: listed[t] for t in reply.stop_task_ids if t in listed}, NOT_OWNER)
+                    stops = {t: listed[t] for t in reply.stop_task_ids if t in listed}
+                    # A cancel that the heartbeat brings before CancelTask does is still a cancel.
+                    cancels = set(reply.cancel_task_ids)
+                    self.service.stop_listed_runs({t: lease for t, lease in stops.items() if t not in cancels},
+                                                  NOT_OWNER)
+                    self.service.stop_listed_runs({t: lease for t, lease in stops.items() if t in cancels},
+                                                  CANCELLED, cancelled=True)
                 # After the stops: a waiting task this answer says to stop is not started on its strength.
                 self.service.heard_from_coordinator(sent_at, reply.worker_ttl_s)
             except grpc.RpcError as exc:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Status = distrack_pb2.TaskStatus
 Refusal = distrack_pb2.Refusal
+# The error of a run stopped because its cancel was asked.
+CANCELLED = "cancelled"
 NOT_OWNER = "stopped: the coordinator no longer assigns this attempt to this worker"
 SHUTDOWN = "stopped: the worker shut down before the task finished"
 START_REFUSED = "stopped: the coordinator did not record its start (cancelled, or no longer this worker's)"
@@ -220,7 +222,7 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
         if run is None:
             return distrack_pb2.CancelTaskResponse(found=False)
         log.info("cancelling %s", request.task_id)
-        self._stop_run(request.task_id, run, "cancelled", cancelled=True)
+        self._stop_run(request.task_id, run, CANCELLED, cancelled=True)
         return distrack_pb2.CancelTaskResponse(found=True)
 
     # --- stopping runs
@@ -230,19 +232,19 @@ class WorkerService(distrack_pb2_grpc.WorkerServicer):
             runs = [(t, self._runs[t]) for t in task_ids if t in self._runs]
         self._stop_each(runs, reason)
 
-    def stop_listed_runs(self, listed: Mapping[str, int], reason: str) -> None:
+    def stop_listed_runs(self, listed: Mapping[str, int], reason: str, *, cancelled: bool = False) -> None:
         """Stops the runs of these tasks that still have the listed leases. A heartbeat's answer says
         which tasks to stop as of the heartbeat; by the time it arrives, a task named in it may have been
         given back and sent here again, and that newer run is not the one it meant."""
         with self._lock:
             runs = [(t, run) for t, lease in listed.items() if (run := self._runs.get(t)) is not None
                     and run.lease == lease]
-        self._stop_each(runs, reason)
+        self._stop_each(runs, reason, cancelled=cancelled)
 
-    def _stop_each(self, runs: list[tuple[str, Run]], reason: str) -> None:
+    def _stop_each(self, runs: list[tuple[str, Run]], reason: str, *, cancelled: bool = False) -> None:
         for task_id, run in runs:
             log.warning("stopping %s: %s", task_id, reason)
-            self._stop_run(task_id, run, reason)
+            self._stop_run(task_id, run, reason, cancelled=cancelled)
 
     def _stop_run(self, task_id: str, run: Run, reason: str, *, cancelled: bool = False) -> None:
         run.command.stop(reason, cancelled=cancelled)
