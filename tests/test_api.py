@@ -173,7 +173,7 @@ def test_a_batch_is_stored_in_one_statement_with_one_wake_up(store, db_url):
     assert resp.json["count"] == 1000
     assert [t["command"] for t in resp.json["tasks"]] == [t["command"] for t in tasks]  # the input's order
     assert len(notifies) == 1
-    # The database makes the ids: one random (version 4) id per task, the one it is stored under.
+    # The scheduler makes the ids: one random (version 4) id per task, the one it is stored under.
     answered = {uuid.UUID(t["task_id"]): t["command"] for t in resp.json["tasks"]}
     assert len(answered) == 1000 and {i.version for i in answered} == {4}
     with psycopg.connect(db_url) as conn:
@@ -192,16 +192,22 @@ def test_a_bad_batch_stores_nothing(client, store, db_url):
 
 
 def test_a_batchs_answer_shows_each_task_exactly_as_get_does(client):
-    # The batch answer is built by PostgreSQL, the single task's by Python: they must not differ.
+    # The batch answer is written from what the insert sent and the database's now(), not read back
+    # from the rows: it must show what GET reads, to the microsecond and the character.
     tasks = [
         {"command": "echo 'héllo ✓ 😀' \"quoted\" \\ back", "delay_seconds": 2.5, "max_attempts": 3,
          "timeout_seconds": 0.5},
         {"command": "true", "delay_seconds": 0, "timeout_seconds": 30},
         {"command": "line\nbreak\ttab"},
+        # What an array literal would take for syntax, were it not quoted and escaped.
+        {"command": ' {a,b} "NULL" NULL \\"} ', "delay_seconds": 0.0000005, "timeout_seconds": 0.00001},
+        {"command": "NULL", "delay_seconds": 1.9999995},
+        {"command": "echo far", "delay_seconds": 366 * 24 * 3600, "timeout_seconds": 7 * 24 * 3600},
+        {"command": "echo soon", "delay_seconds": 0.123456789, "timeout_seconds": 1e-6},
     ]
     resp = client.simulate_post("/tasks", json={"tasks": tasks})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
-    assert resp.json["count"] == 3
+    assert resp.json["count"] == len(tasks)
     for sent, got in zip(tasks, resp.json["tasks"], strict=True):
         assert got["command"] == sent["command"]
         assert set(got) == {"task_id", "command", "scheduled_at", "status", "attempts", "max_attempts",

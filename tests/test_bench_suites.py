@@ -33,7 +33,7 @@ from distrack.bench.machine import (
     tree_cpu_s,
 )
 from distrack.bench.progress import Progress, bar
-from distrack.bench.references import PostgresReference, RateResult, bash_reference, pg_text_array
+from distrack.bench.references import PostgresReference, RateResult, bash_reference
 from distrack.bench.run import Report
 from distrack.bench.stack import parse_service_pids, postgres_url_from_pid_file
 from distrack.bench.stats import durations, ratio, seconds_between, server_span, thirds
@@ -311,11 +311,6 @@ def test_postgres_url_from_pid_file():
 
 
 # --- references, request bodies, progress ------------------------------------------------------
-
-
-def test_pg_text_array_quotes_every_element():
-    assert pg_text_array(["echo hello", "echo hello"]) == '{"echo hello","echo hello"}'
-    assert pg_text_array(['say "hi"', "back\\slash", "a,b{c}"]) == '{"say \\"hi\\"","back\\\\slash","a,b{c}"}'
 
 
 def test_request_bodies():

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from helpers import wait_for
 
 from distrack.errors import DatabaseUnavailable, DataRejected
+from distrack.scheduler.app import new_tasks_json, rfc3339
 from distrack.scheduler.group_insert import GroupInserter
 from distrack.tasks import TaskSpec
 
@@ -100,15 +101,15 @@ def test_a_lone_request_is_written_at_once_alone():
 
 
 def test_concurrent_inserts_into_postgres_each_get_their_own_task(store):
-    inserter = GroupInserter(lambda tasks: json.loads(store.insert_tasks(tasks)[1]))  # as the API's
+    inserter = GroupInserter(lambda tasks: new_tasks_json(tasks, store.insert_tasks(tasks)))  # as the API's
     commands = [f"echo {i}" for i in range(200)]
     with ThreadPoolExecutor(16) as pool:
-        docs = list(pool.map(lambda c: inserter.insert(TaskSpec(c, 3600, 2, 5.0)), commands))
+        docs = [json.loads(text) for text in pool.map(lambda c: inserter.insert(TaskSpec(c, 3600, 2, 5.0)), commands)]
     assert [d["command"] for d in docs] == commands
     assert len({d["task_id"] for d in docs}) == 200
     for doc in docs:
         row = store.get_task(doc["task_id"])
         assert row["command"] == doc["command"] and row["status"] == doc["status"] == "queued"
         assert doc["max_attempts"] == 2 and doc["timeout_seconds"] == 5.0 and doc["attempts"] == 0
-        assert doc["scheduled_at"].endswith("Z")
+        assert doc["scheduled_at"] == rfc3339(row["scheduled_at"])
 

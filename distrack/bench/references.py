@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from distrack.bench.config import REFERENCE_S
 from distrack.bench.machine import CpuMeter, CpuUsage
 from distrack.bench.progress import Progress
 from distrack.bench.stats import rate
+from distrack.db.literals import text_array
 from distrack.worker.runner import spawn
 
 BATCH_SIZE = 1000
@@ -137,12 +138,6 @@ FROM unnest($1::text[], $2::float8[]) AS b (command, delay_seconds)
 """
 
 
-def pg_text_array(values: Sequence[str]) -> str:
-    """A PostgreSQL array literal of text values: `{"a","b \\"c\\""}`."""
-    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
-    return "{" + ",".join(quoted) + "}"
-
-
 @dataclass(frozen=True)
 class PostgresReference:
     single: RateResult
@@ -171,7 +166,7 @@ def postgres_reference(database_url: str, command: str, *, concurrency: int, dur
             single = _pg_rate(database_url, _INSERT_ONE.format(table=table), single_params, rows=1,
                               concurrency=concurrency, duration_s=duration_s, progress=progress,
                               label="reference: PostgreSQL single-row INSERT")
-            batch_params = [pg_text_array([command] * batch_size).encode(),
+            batch_params = [text_array([command] * batch_size).encode(),
                             ("{" + ",".join([str(SCRATCH_DELAY_S)] * batch_size) + "}").encode()]
             batch = _pg_rate(database_url, _INSERT_BATCH.format(table=table), batch_params, rows=batch_size,
                              concurrency=concurrency, duration_s=duration_s, progress=progress,

@@ -7,17 +7,17 @@ transaction ever spans a network call to a worker or a client.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from distrack.db.literals import number_array, random_uuid4s, text_array, uuid_array
 from distrack.db.queries import queries
 from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.tasks import TaskSpec
@@ -28,6 +28,15 @@ QUEUED_CHANNEL = "distrack_task_queued"
 CANCEL_CHANNEL = "distrack_cancel"
 # The longest wait before a retry, however many attempts came before.
 MAX_RETRY_DELAY_S = 3600.0
+
+
+@dataclass(frozen=True)
+class InsertedTasks:
+    """What insert_tasks committed, in its input's order: each task's id, and when it is due (the same
+    datetime object for tasks with the same delay)."""
+
+    ids: list[str]
+    scheduled_ats: list[datetime]
 
 
 @dataclass(frozen=True)
@@ -130,18 +139,25 @@ class TaskStore:
         assert row is not None
         return row
 
-    def insert_tasks(self, tasks: Sequence[TaskSpec]) -> tuple[int, str]:
-        """Commits a batch of queued tasks in one statement (one wake-up). Returns how many, and the new
-        tasks as the API shows them: a JSON array in the input's order."""
-        batch = json.dumps(
-            [{"command": t.command, "delay_seconds": float(t.delay_seconds),
-              "max_attempts": t.max_attempts, "timeout_seconds": t.timeout_seconds} for t in tasks],
+    def insert_tasks(self, tasks: Sequence[TaskSpec]) -> InsertedTasks:
+        """Commits a batch of queued tasks in one statement (one wake-up); returns their ids and due
+        times, in the input's order."""
+        ids = random_uuid4s(len(tasks))
+        delays_us = [delay_microseconds(t.delay_seconds) for t in tasks]
+        row = self._one("insert_tasks", {
+            "ids": uuid_array(ids),
             # UTF-8 as it is: the database converts it, or refuses what its encoding cannot hold.
-            ensure_ascii=False,
-        )
-        row = self._one("insert_tasks", {"tasks": batch})
-        assert row is not None
-        return row["count"], row["tasks"]
+            "commands": text_array(t.command for t in tasks),
+            "delays_us": number_array(delays_us),
+            "max_attempts": number_array(t.max_attempts for t in tasks),
+            "timeouts": number_array(t.timeout_seconds for t in tasks),
+        })
+        assert row is not None and row["count"] == len(tasks), row
+        now: datetime = row["now"]
+        # A batch's tasks mostly share a delay: one datetime each, not one per task.
+        due: dict[int, datetime] = {}
+        scheduled_ats = [due.get(us) or due.setdefault(us, now + timedelta(microseconds=us)) for us in delays_us]
+        return InsertedTasks(ids, scheduled_ats)
 
     def get_task(self, task_id: uuid.UUID) -> dict[str, Any] | None:
         return self._one("get_task", {"id": task_id})
@@ -300,6 +316,12 @@ class TaskStore:
 
     def cancels_pending(self) -> list[tuple[uuid.UUID, str | None]]:
         return [(r["id"], r["worker_id"]) for r in self._all("cancels_pending")]
+
+
+def delay_microseconds(delay_seconds: float) -> int:
+    """A delay as the whole microseconds a task is stored due after its insert (PostgreSQL's timestamps
+    count microseconds): the statement and the answer to the client use this one number."""
+    return round(delay_seconds * 1_000_000)
 
 
 def _fences(attempts: Sequence[Attempt]) -> dict[str, Any]:
