@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from distrack.db.pool import make_pool
 from distrack.db.store import Attempt, EndedAttempt, TaskStore
@@ -26,6 +27,23 @@ def test_insert_and_get(store):
     assert got["timeout_seconds"] == 5
     assert got["picked_at"] is None and got["started_at"] is None
     assert store.get_task(uuid.uuid4()) is None
+
+
+def test_a_batch_is_due_as_stored_whatever_the_sessions_time_zone(db_url):
+    # insert_tasks computes each scheduled_at from the statement's now() instead of reading the rows
+    # back. In a time zone with daylight saving, delays that cross a change (spring and autumn within
+    # these 330 days) would be an hour off if that sum were taken on local time.
+    pool = make_pool(make_conninfo(db_url, options="-c TimeZone=Europe/Berlin"), max_size=1)
+    try:
+        store = TaskStore(pool)
+        specs = [TaskSpec("echo", delay_seconds=days * 86400) for days in range(0, 331, 15)]
+        specs.append(TaskSpec("echo", delay_seconds=0.123456789))
+        inserted = store.insert_tasks(specs)
+        assert {at.utcoffset() for at in inserted.scheduled_ats} == {timedelta(0)}
+        for task_id, at in zip(inserted.ids, inserted.scheduled_ats, strict=True):
+            assert store.get_task(uuid.UUID(task_id))["scheduled_at"] == at
+    finally:
+        pool.close()
 
 
 def test_claim_takes_due_tasks_in_order_one_per_reserved_worker(store):

@@ -11,7 +11,7 @@ import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -152,8 +152,11 @@ class TaskStore:
             "max_attempts": number_array(t.max_attempts for t in tasks),
             "timeouts": number_array(t.timeout_seconds for t in tasks),
         })
-        assert row is not None and row["count"] == len(tasks), row
-        now: datetime = row["now"]
+        if row is None or row["count"] != len(tasks):  # cannot happen unless the schema gains a rule
+            raise RuntimeError(f"insert_tasks stored {row and row['count']} of {len(tasks)} tasks")
+        # In UTC, not the session's time zone: adding a delay to a local time with daylight saving
+        # would move the wall clock, where PostgreSQL added exact microseconds.
+        now: datetime = row["now"].astimezone(UTC)
         # A batch's tasks mostly share a delay: one datetime each, not one per task.
         due: dict[int, datetime] = {}
         scheduled_ats = [due.get(us) or due.setdefault(us, now + timedelta(microseconds=us)) for us in delays_us]
