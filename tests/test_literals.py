@@ -50,5 +50,11 @@ def test_random_uuid4s_are_distinct_canonical_version_4_ids(conn):
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
-    assert [str(u) for u in conn.execute("SELECT %s::uuid[]", (uuid_array(ids),)).fetchone()[0]] == ids
-    assert random_uuid4s(0) == [] and uuid_array([]) == "{}"
+    assert [str(u) for u in conn.execute("SELECT %s::uuid[]", (text_array(ids),)).fetchone()[0]] == ids
+    assert random_uuid4s(0) == []
+
+
+def test_uuid_arrays_read_back_exactly(conn):
+    ids = [uuid.uuid4() for _ in range(5)] + [uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)]
+    assert conn.execute("SELECT %s::uuid[]", (uuid_array(ids),)).fetchone()[0] == ids
+    assert uuid_array([]) == "{}"

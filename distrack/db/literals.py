@@ -8,7 +8,8 @@ difference between milliseconds and a fraction of one.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable
 
 
 def text_array(values: Iterable[str]) -> str:
@@ -25,9 +26,9 @@ def number_array(values: Iterable[int | float | None]) -> str:
     return "{" + ",".join("NULL" if value is None else repr(value) for value in values) + "}"
 
 
-def uuid_array(values: Sequence[str]) -> str:
-    """A PostgreSQL array literal of canonical UUID strings (no quoting needed)."""
-    return "{" + ",".join(values) + "}"
+def uuid_array(values: Iterable[uuid.UUID]) -> str:
+    """A PostgreSQL array literal of UUIDs (32 hex digits each, which the uuid type reads)."""
+    return "{" + ",".join(value.hex for value in values) + "}"
 
 
 def random_uuid4s(count: int) -> list[str]:
