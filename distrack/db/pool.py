@@ -29,8 +29,14 @@ CHECK_IDLE_AFTER_S = 1.0
 _returned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
 
 
-def _note_return(conn: psycopg.Connection) -> None:
-    _returned_at[conn] = time.monotonic()
+class _Pool(ConnectionPool):
+    """Notes when each connection comes back (see _check_if_idle). Not with the pool's `reset`
+    callback: given one, psycopg_pool hands every returned connection to its worker thread, a thread
+    switch and a queue for every statement."""
+
+    def putconn(self, conn: psycopg.Connection) -> None:
+        _returned_at[conn] = time.monotonic()
+        super().putconn(conn)
 
 
 def _check_if_idle(conn: psycopg.Connection) -> None:
@@ -75,14 +81,13 @@ def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name:
     """An open pool that does not wait for the database: services start (and answer 503) while it is down.
     With `statement_timeout_s`, the server cancels a statement that runs longer (blocked on a lock, say),
     so its caller fails fast instead of hanging."""
-    pool = ConnectionPool(
+    pool = _Pool(
         database_url,
         min_size=min_size,
         max_size=max_size,
         kwargs=connection_kwargs(),
         # A connection that died while idle (database restart) is replaced before anyone gets it.
         check=_check_if_idle,
-        reset=_note_return,
         configure=None if statement_timeout_s is None else _statement_timeout_setter(statement_timeout_s),
         timeout=POOL_TIMEOUT_S,
         reconnect_timeout=RECONNECT_TIMEOUT_S,
