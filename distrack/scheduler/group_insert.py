@@ -11,6 +11,7 @@ and go next, together. Nothing is held back for a group to fill, so a lone clien
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,13 +24,16 @@ MAX_GROUP = 256
 
 
 class _Pending:
-    __slots__ = ("spec", "result", "error", "done")
+    __slots__ = ("spec", "result", "error", "done", "wake")
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
         self.result: Any = None
         self.error: Exception | None = None
         self.done = False
+        # Held until this request's thread is woken: its task is written (done), or it writes next.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -41,34 +45,47 @@ class _Pending:
 class GroupInserter:
     """insert(spec) commits one task, in a group with whichever others are waiting, and returns what
     `insert_many` returned for it: `insert_many` commits a list in one statement and returns one
-    result per task, in order."""
+    result per task, in order.
+
+    Each waiting request is woken once, by name: when its group is written, or when it is first in
+    line to write the next group. (One condition for all of them would wake every waiting request at
+    every write, to find most of them still waiting: a thread switch each, for nothing.)"""
 
     def __init__(self, insert_many: Callable[[Sequence[TaskSpec]], list[Any]], *, max_group: int = MAX_GROUP) -> None:
         self._insert_many = insert_many
         self._max_group = max_group
-        self._changed = threading.Condition()
-        self._waiting: list[_Pending] = []
-        self._busy = False
+        self._lock = threading.Lock()
+        self._waiting: deque[_Pending] = deque()
+        self._busy = False  # a group is being written; the next writer is woken by the one writing
 
     def insert(self, spec: TaskSpec) -> Any:
         mine = _Pending(spec)
-        with self._changed:
-            self._waiting.append(mine)
-            while self._busy and not mine.done:
-                self._changed.wait()
+        with self._lock:
+            waits = self._busy
+            if waits:
+                self._waiting.append(mine)
+            else:
+                self._busy = True
+        if waits:
+            mine.wake.acquire()
             if mine.done:
                 return mine.outcome()
-            # This thread writes the next group: its own task and those waiting longest.
-            self._waiting.remove(mine)
-            group = [mine, *self._waiting[: self._max_group - 1]]
-            del self._waiting[: self._max_group - 1]
-            self._busy = True
+        # This thread writes the next group (the one writing handed over to it, or none was): its own
+        # task and those waiting longest.
+        with self._lock:
+            group = [mine]
+            while self._waiting and len(group) < self._max_group:
+                group.append(self._waiting.popleft())
         try:
             self._write(group)
         finally:
-            with self._changed:
-                self._busy = False
-                self._changed.notify_all()
+            with self._lock:
+                next_writer = self._waiting.popleft() if self._waiting else None
+                self._busy = next_writer is not None
+            if next_writer is not None:
+                next_writer.wake.release()
+            for pending in group[1:]:
+                pending.wake.release()
         return mine.outcome()
 
     def _write(self, group: list[_Pending]) -> None:
