@@ -15,7 +15,7 @@ from collections.abc import Iterable
 def text_array(values: Iterable[str]) -> str:
     """A PostgreSQL array literal of text values: `{"a","b \\"c\\""}`. Every element is quoted, so
     commas, braces, spaces and the word NULL stay text; inside quotes only `\\` and `"` need escaping.
-    (A NUL cannot be sent at all: the caller refuses it first.)"""
+    (A NUL cannot go in any text parameter: psycopg refuses it, as it refuses one in a list of str.)"""
     quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
     return "{" + ",".join(quoted) + "}"
 
