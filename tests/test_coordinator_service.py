@@ -187,6 +187,24 @@ def test_malformed_reports_are_invalid_argument(served):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_report_with_an_impossible_start_time_fails_alone(served, store):
+    # One such report used to fail its whole batch (PostgreSQL refuses to_timestamp of it), so the
+    # good reports sent with it were lost too.
+    for started_at in (float("nan"), float("inf"), -1.0, 1e300):
+        store.insert_task("echo", 0)
+        store.insert_task("echo", 0)
+        victim, good = claim(store), claim(store)
+        bad = distrack_pb2.TaskStatusUpdate(task_id=str(victim.task_id), worker_id="w1", status=Status.COMPLETED,
+                                            lease=victim.lease, started_at=started_at)
+        fine = distrack_pb2.TaskStatusUpdate(task_id=str(good.task_id), worker_id="w1", status=Status.COMPLETED,
+                                             lease=good.lease, started_at=time.time())
+        acks = served.stub.ReportTasks(distrack_pb2.TaskStatusReports(updates=[bad, fine]), timeout=5).acks
+        assert "started_at" in acks[0].error and not acks[0].recorded
+        assert not acks[1].error and acks[1].recorded
+        assert store.get_task(good.task_id)["status"] == "completed"
+        assert store.get_task(victim.task_id)["status"] == "picked"
+
+
 def test_a_heartbeat_with_malformed_task_ids_is_invalid_argument(served):
     for field in ("running_task_ids", "unfinished_task_ids"):
         request = distrack_pb2.HeartbeatRequest(worker_id="w1", address="w1:1", slots=1, **{field: ["nope"]})

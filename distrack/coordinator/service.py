@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -187,6 +188,10 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         return recorded
 
 
+# The last second of year 9999: later than any start, and within what PostgreSQL's to_timestamp takes.
+MAX_STARTED_AT = 253_402_300_799.0
+
+
 def _report_problem(update: distrack_pb2.TaskStatusUpdate) -> str | None:
     if _uuid_or_none(update.task_id) is None:
         return f"task_id {update.task_id[:100]!r} is not a UUID"
@@ -194,6 +199,9 @@ def _report_problem(update: distrack_pb2.TaskStatusUpdate) -> str | None:
         return "a status report needs a worker_id (without NUL characters)"
     if update.status not in (Status.INPROGRESS, Status.COMPLETED, Status.FAILED, Status.RETURNED):
         return f"unknown task status {update.status}"
+    # Refused here, alone: PostgreSQL would refuse it too, but with the whole batch of reports it came in.
+    if not (math.isfinite(update.started_at) and 0 <= update.started_at <= MAX_STARTED_AT):
+        return f"started_at {update.started_at!r} is not a time in Unix seconds"
     return None
 
 
