@@ -44,8 +44,10 @@ WHERE id = %(id)s;
 -- (rows another coordinator holds are skipped), mark them picked and give the n-th one the n-th
 -- reserved worker. The caller dispatches them after this commits. The last row (id NULL) says how
 -- long until the next queued task not claimed here is due (NULL when none; zero or less when one is
--- due already, held by another coordinator or beyond the slots), so the loop knows how long it may
--- sleep without asking again.
+-- due already), so the loop knows how long it may sleep without asking again, and whether a task that
+-- was due when the claim looked (now()) was left: held by another coordinator, or beyond the slots. A
+-- task that fell due while the statement ran (after now(), by clock_timestamp()) was not left: it is
+-- claimable at once.
 WITH due AS (
     SELECT id, scheduled_at
     FROM tasks
@@ -70,11 +72,12 @@ claimed AS (
     WHERE t.id = assigned.id
     RETURNING t.id, t.command, t.lease, t.attempts + 1 AS attempt, t.timeout_seconds, t.scheduled_at, t.worker_id
 )
-SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NULL::float8 AS next_due_s
+SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NULL::float8 AS next_due_s,
+       NULL::boolean AS left_due
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::float8
+       EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::float8, coalesce(bool_or(scheduled_at <= now()), false)
 FROM tasks
 WHERE status = 'queued' AND id <> ALL (ARRAY(SELECT id FROM due));
 

@@ -3,12 +3,16 @@
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from helpers import wait_for
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 from distrack.db.pool import make_pool
+from distrack.db.queries import queries
 from distrack.db.store import Attempt, EndedAttempt, TaskStore
 from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.tasks import TaskSpec
@@ -354,6 +358,53 @@ def test_a_claim_also_says_when_the_next_unclaimed_task_is_due(store):
     store.insert_task("echo due")
     claimed, next_due_s = store.claim([])  # no slot: nothing claimed, and something is due already
     assert claimed == [] and next_due_s <= 0
+
+
+def test_a_claim_tells_a_task_left_behind_from_one_that_fell_due_while_it_ran(store, db_url):
+    """The claim takes what is due at its transaction's start (now()) and measures the next due time at
+    its end (clock_timestamp()). A task due in between used to look left behind (held by another
+    coordinator), and the loop waited LOCKED_ROWS_RETRY_S for it instead of claiming it at once."""
+    sql = queries()["claim_due"]
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:  # a transaction: now() stays put
+        started = conn.execute("SELECT now() AS t").fetchone()["t"]
+        due = started + timedelta(milliseconds=5)
+        # Inserted on another connection, due just after the claim's now().
+        with psycopg.connect(db_url, autocommit=True) as other:
+            other.execute("INSERT INTO tasks (id, command, scheduled_at) VALUES (gen_random_uuid(), 'echo', %s)",
+                          (due,))
+        wait_for(lambda: datetime.now(UTC) > due + timedelta(milliseconds=5), what="the task to fall due")
+        rows = conn.execute(sql, {"worker_ids": "{w1}"}).fetchall()
+        conn.rollback()
+    [summary] = rows  # nothing claimed
+    assert summary["next_due_s"] < 0 and summary["left_due"] is False
+    # Through the store: claimed now, since it is due by now.
+    assert len(store.claim_due(["w1"])) == 1
+
+    # Left behind: a due row another transaction holds.
+    held_id = store.insert_task("echo held")["id"]
+    with psycopg.connect(db_url) as holder:
+        holder.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (held_id,))
+        claimed, next_due_s = store.claim(["w1"])
+        assert claimed == [] and next_due_s < 0
+        holder.rollback()
+    # Nothing left behind and nothing queued after the claim takes it.
+    claimed, next_due_s = store.claim(["w1"])
+    assert [t.id for t in claimed] == [held_id] and next_due_s is None
+
+
+def test_a_claim_that_finds_a_task_falling_due_as_it_runs_says_claim_again_at_once(store, monkeypatch):
+    # The store's side of the above: the summary row's "due already, nothing left" becomes 0.0.
+    real_all = store._all
+
+    def fell_due_meanwhile(name, params=None):
+        rows = real_all(name, params)
+        if name == "claim_due":
+            rows[-1] = {**rows[-1], "next_due_s": -0.0004, "left_due": False}
+        return rows
+
+    monkeypatch.setattr(store, "_all", fell_due_meanwhile)
+    store.insert_task("echo later", 60)
+    assert store.claim(["w1"]) == ([], 0.0)
 
 
 def test_a_claim_waits_for_the_disk_and_a_start_does_not_and_neither_changes_the_session(db_url):

@@ -276,16 +276,17 @@ class Dispatcher:
         if not reservations:
             return self.config.poll_interval_s
         claimed, next_due_s = self._claim(reservations)
-        self._backlog = len(claimed) == len(reservations) or (next_due_s is not None and next_due_s <= 0)
+        self._backlog = len(claimed) == len(reservations) or (next_due_s is not None and next_due_s < 0)
         if len(claimed) == len(reservations):
             # Every free slot got a task, so more may be due: claim again at once if slots are free,
             # else when one frees (a final report wakes the loop).
             return 0.0 if self.registry.free_slots() > 0 else self.config.poll_interval_s
         if next_due_s is None:
             return self.config.poll_interval_s
-        if next_due_s <= 0:
+        if next_due_s < 0:
             # Due, yet not claimed: another coordinator holds those rows, or slots filled meanwhile.
             return LOCKED_ROWS_RETRY_S if not claimed else 0.0
+        # 0.0: one fell due while the claim ran; claim it at once, not after the locked rows' wait.
         return min(next_due_s, self.config.poll_interval_s)
 
     def _refresh_workers(self) -> None:

@@ -188,8 +188,10 @@ class TaskStore:
         return self.claim(worker_ids)[0]
 
     def claim(self, worker_ids: Sequence[str]) -> tuple[list[ClaimedTask], float | None]:
-        """claim_due, and how many seconds until the next queued task it did not claim is due (None
-        when there is none), from the same statement."""
+        """claim_due, and how many seconds until the next queued task it did not claim is due, from the
+        same statement: None when there is none; 0.0 when one fell due while the claim ran (claim again
+        at once); below zero when one was due when the claim looked and was left, held by another
+        coordinator or beyond the slots."""
         if not worker_ids:
             return [], self.seconds_until_next_due()
         rows = self._all("claim_due", {"worker_ids": text_array(worker_ids)})
@@ -198,7 +200,10 @@ class TaskStore:
                         r["worker_id"])
             for r in rows if r["id"] is not None
         ]
-        next_due_s = next((r["next_due_s"] for r in rows if r["id"] is None), None)
+        summary = next(r for r in rows if r["id"] is None)
+        next_due_s = summary["next_due_s"]
+        if next_due_s is not None and next_due_s <= 0 and not summary["left_due"]:
+            next_due_s = 0.0  # fell due while the statement ran: nothing was left behind
         # The order the statement paired tasks with workers in: confirming them in it keeps the turn.
         tasks.sort(key=lambda t: (t.scheduled_at, t.id))
         return tasks, next_due_s
