@@ -8,12 +8,6 @@
 -- dispatch that never started costs none. Claims commit durably: a worker runs what it is dispatched
 -- at once (or, when its slots are full, as one frees), so the claim is what must never be lost.
 
--- insert_task --
-INSERT INTO tasks (id, command, scheduled_at, max_attempts, timeout_seconds)
-VALUES (%(id)s, %(command)s, now() + make_interval(secs => %(delay_seconds)s),
-        %(max_attempts)s, %(timeout_seconds)s)
-RETURNING id, command, scheduled_at, status, attempts, max_attempts, timeout_seconds;
-
 -- insert_tasks --
 -- A batch in one statement: one transaction, and one NOTIFY from the statement-level trigger (POST
 -- /tasks, and the scheduler's group insert of single POST /schedule requests that arrived together).

@@ -80,7 +80,7 @@ def test_migrations_are_numbered_files_only():
 
 def test_queries_file_parses_into_named_statements():
     q = queries()
-    assert {"insert_task", "claim_due", "get_task", "mark_running", "end_attempts", "cancel_task"} <= set(q)
+    assert {"insert_tasks", "claim_due", "get_task", "mark_running", "end_attempts", "cancel_task"} <= set(q)
     assert "FOR UPDATE SKIP LOCKED" in q["claim_due"]
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- a --\nSELECT 1;\n-- a --\nSELECT 2;\n")

@@ -116,28 +116,13 @@ class TaskStore:
 
     # --- the scheduler's side
 
-    def insert_task(
-        self,
-        command: str,
-        delay_seconds: float = 0.0,
-        *,
-        max_attempts: int = 1,
-        timeout_seconds: float | None = None,
-        task_id: uuid.UUID | None = None,
-    ) -> dict[str, Any]:
-        """Commits one queued task (the trigger wakes the coordinators) and returns its row."""
-        row = self._one(
-            "insert_task",
-            {
-                "id": task_id or uuid.uuid4(),
-                "command": command,
-                "delay_seconds": float(delay_seconds),
-                "max_attempts": max_attempts,
-                "timeout_seconds": timeout_seconds,
-            },
-        )
-        assert row is not None
-        return row
+    def insert_task(self, command: str, delay_seconds: float = 0.0, *, max_attempts: int = 1,
+                    timeout_seconds: float | None = None) -> dict[str, Any]:
+        """Commits one queued task, as a batch of one (the statement the API uses), and returns it as
+        get_task would show it now."""
+        inserted = self.insert_tasks([TaskSpec(command, float(delay_seconds), max_attempts, timeout_seconds)])
+        return {"id": uuid.UUID(inserted.ids[0]), "command": command, "scheduled_at": inserted.scheduled_ats[0],
+                "status": "queued", "attempts": 0, "max_attempts": max_attempts, "timeout_seconds": timeout_seconds}
 
     def insert_tasks(self, tasks: Sequence[TaskSpec]) -> InsertedTasks:
         """Commits a batch of queued tasks in one statement (one wake-up); returns their ids and due
