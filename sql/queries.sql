@@ -71,9 +71,15 @@ SELECT id, command, lease, attempt, timeout_seconds, scheduled_at, worker_id, NU
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       EXTRACT(EPOCH FROM min(scheduled_at) - clock_timestamp())::float8, coalesce(bool_or(scheduled_at <= now()), false)
-FROM tasks
-WHERE status = 'queued' AND id <> ALL (ARRAY(SELECT id FROM due));
+       EXTRACT(EPOCH FROM next.scheduled_at - clock_timestamp())::float8, coalesce(next.scheduled_at <= now(), false)
+FROM (
+    -- min() alone, so PostgreSQL reads one entry of the partial index, not the whole queue (another
+    -- aggregate beside it would make it read every queued row: tasks scheduled for later included).
+    -- A due task was left exactly when the earliest one left is due.
+    SELECT min(scheduled_at) AS scheduled_at
+    FROM tasks
+    WHERE status = 'queued' AND id <> ALL (ARRAY(SELECT id FROM due))
+) AS next;
 
 -- seconds_until_next_due --
 -- NULL when nothing is queued; zero or less when something is already due.

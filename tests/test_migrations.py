@@ -105,6 +105,35 @@ def test_claim_reads_only_the_partial_index_whatever_the_history(sql_conn):
     assert "Seq Scan" not in plan, plan
 
 
+def _rows_read(plan: dict) -> int:
+    """Rows every node of an EXPLAIN (ANALYZE, FORMAT JSON) plan produced, over all its loops."""
+    return plan["Actual Rows"] * plan["Actual Loops"] + sum(_rows_read(p) for p in plan.get("Plans", []))
+
+
+def test_claim_reads_a_few_rows_whatever_is_queued_for_later(sql_conn):
+    # 20,000 tasks due in an hour and 5 due now: a claim (the coordinator runs one at every wake-up)
+    # must read about what it claims, not the whole queue of tasks scheduled for later.
+    sql_conn.execute(
+        "INSERT INTO tasks (id, command, scheduled_at) "
+        "SELECT gen_random_uuid(), 'echo', now() + interval '1 hour' FROM generate_series(1, 20000)"
+    )
+    sql_conn.execute(
+        "INSERT INTO tasks (id, command, scheduled_at) "
+        "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 5)"
+    )
+    sql_conn.execute("ANALYZE tasks")
+    claim = queries()["claim_due"].replace("%(worker_ids)s", "ARRAY['w1', 'w2', 'w3']")
+    with sql_conn.transaction(force_rollback=True):
+        (explained,) = sql_conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim}").fetchone().values()
+    with sql_conn.transaction(force_rollback=True):
+        rows = sql_conn.execute(claim).fetchall()
+    assert _rows_read(explained[0]["Plan"]) < 100, explained
+    # And what it says is still right: 3 claimed, 2 due left (due now, so not a wait of an hour).
+    assert sum(r["id"] is not None for r in rows) == 3
+    (tail,) = [r for r in rows if r["id"] is None]
+    assert tail["left_due"] is True and tail["next_due_s"] <= 0
+
+
 def test_insert_by_hand_wakes_listeners_once_per_statement(db_url, sql_conn):
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN distrack_task_queued")
