@@ -214,7 +214,6 @@ def test_a_heartbeat_with_malformed_task_ids_is_invalid_argument(served):
 
 
 def test_a_new_task_due_after_the_loops_own_wake_up_does_not_wake_it():
-    import math
     import threading
     import time
 
@@ -228,14 +227,75 @@ def test_a_new_task_due_after_the_loops_own_wake_up_does_not_wake_it():
         dispatcher._sleep_until = time.monotonic() + 30  # asleep, waking in 30 s by itself
         dispatcher.on_notify("distrack_task_queued", str(time.time() + 3600))
         assert not wakeup.is_set()  # due in an hour: the planned wake-up looks it up
-        for payload in (str(time.time()), str(time.time() + 20), "", None):  # due before then, or unknown
+        for payload in (str(time.time()), str(time.time() + 20), "", None, "nan", "inf"):  # due before then, or unknown
             dispatcher.on_notify("distrack_task_queued", payload)
             assert wakeup.is_set(), payload
             wakeup.clear()
-        dispatcher._sleep_until = math.inf  # awake: its next-due lookup may predate the task
-        dispatcher.on_notify("distrack_task_queued", str(time.time() + 3600))
-        assert wakeup.is_set()
     finally:
+        dispatcher._pool.shutdown()
+
+
+def _sleep_in_a_thread(dispatcher, wait_s: float):
+    import threading
+
+    sleeper = threading.Thread(target=dispatcher._sleep, args=(wait_s,), daemon=True)
+    sleeper.start()
+    return sleeper
+
+
+@pytest.mark.parametrize("payload", ["now", "", "nan"])
+def test_a_task_due_now_announced_while_the_loop_is_awake_keeps_it_from_sleeping(payload):
+    import math
+    import threading
+    import time
+
+    from distrack.config import CoordinatorConfig
+    from distrack.coordinator.dispatcher import Dispatcher
+    from distrack.coordinator.registry import WorkerRegistry
+
+    wakeup = threading.Event()
+    dispatcher = Dispatcher(None, WorkerRegistry(), CoordinatorConfig(database_url="unused"), wakeup)
+    try:
+        assert dispatcher._sleep_until == math.inf  # awake: its claim may have looked before the task was there
+        dispatcher.on_notify("distrack_task_queued", str(time.time()) if payload == "now" else payload)
+        sleeper = _sleep_in_a_thread(dispatcher, 30.0)
+        sleeper.join(5.0)
+        assert not sleeper.is_alive()  # claims again at once, not after its 30 s
+        assert dispatcher._sleep_until == math.inf
+    finally:
+        wakeup.set()
+        dispatcher._pool.shutdown()
+
+
+def test_tasks_due_later_announced_while_the_loop_is_awake_end_its_next_sleep_by_their_due_time():
+    import math
+    import threading
+    import time
+
+    from distrack.config import CoordinatorConfig
+    from distrack.coordinator.dispatcher import NOTIFY_CLOCK_MARGIN_S, Dispatcher
+    from distrack.coordinator.registry import WorkerRegistry
+
+    wakeup = threading.Event()
+    dispatcher = Dispatcher(None, WorkerRegistry(), CoordinatorConfig(database_url="unused"), wakeup)
+    try:
+        for due_in_s in (3600, 20, 600):  # awake: noted, no wake-up (scheduling for later costs no claim)
+            dispatcher.on_notify("distrack_task_queued", str(time.time() + due_in_s))
+            assert not wakeup.is_set()
+        before = time.monotonic()
+        sleeper = _sleep_in_a_thread(dispatcher, 30.0)
+        deadline = time.monotonic() + 5
+        while dispatcher._sleep_until == math.inf and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # The earliest (due in 20 s) ends the sleep, less the clock margin; not the 30 s it planned.
+        planned = dispatcher._sleep_until - before
+        assert 20 - NOTIFY_CLOCK_MARGIN_S - 1 < planned <= 20 - NOTIFY_CLOCK_MARGIN_S, planned
+        assert dispatcher._announced_due == math.inf  # the next time awake starts afresh
+        wakeup.set()
+        sleeper.join(5.0)
+        assert not sleeper.is_alive()
+    finally:
+        wakeup.set()
         dispatcher._pool.shutdown()
 
 

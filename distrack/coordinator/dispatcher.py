@@ -151,9 +151,13 @@ class Dispatcher:
         self._last_claim = 0.0
         # Whether the last claim found more due than it took (or found due rows locked): see IDLE_CLAIM_LIMIT.
         self._backlog = True
-        # When the sleeping loop wakes up by itself (monotonic); infinity while it is awake, when any
-        # new task must wake it again (its next-due lookup may have run before the task was there).
+        # When the sleeping loop wakes up by itself (monotonic); infinity while it is awake.
         self._sleep_until = math.inf
+        # While the loop is awake: the earliest due time (monotonic, clock margin taken off) of the
+        # new tasks announced meanwhile. Its claim may have looked up the next due time before they
+        # were there, so its next sleep ends by then.
+        self._announced_due = math.inf
+        self._plan_lock = threading.Lock()  # _sleep_until and _announced_due change together
         # Task ids whose cancel was announced by NOTIFY, or None meaning "look them all up".
         self._cancels: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.dispatched = 0  # tasks a worker accepted from this coordinator (logged at shutdown)
@@ -197,18 +201,20 @@ class Dispatcher:
         if channel == "distrack_cancel":
             self._cancels.put(payload)
             self._chores.set()
-        elif not self._due_after_planned_wakeup(payload):
+        elif self._wakes_the_loop(payload):
             self.wakeup.set()
 
-    def _due_after_planned_wakeup(self, payload: str | None) -> bool:
-        """Whether the new tasks (payload: their earliest scheduled_at, epoch seconds on the database's
-        clock) are due after the sleeping loop's next wake-up, margin included."""
-        try:
-            due_epoch = float(payload or "")
-        except ValueError:
-            return False  # no due time (a trigger from before migration 0003): wake up
-        due = time.monotonic() + (due_epoch - time.time())
-        return due - NOTIFY_CLOCK_MARGIN_S >= self._sleep_until
+    def _wakes_the_loop(self, payload: str | None) -> bool:
+        """Whether new tasks (payload: their earliest scheduled_at, epoch seconds on the database's
+        clock) must wake the loop now. A sleeping loop wakes only for tasks due before its own wake-up
+        (margin included); an awake one notes when they are due, and its next sleep ends by then, so
+        tasks scheduled for later cost no claim however fast they come."""
+        due = _monotonic_due(payload) - NOTIFY_CLOCK_MARGIN_S
+        with self._plan_lock:
+            if self._sleep_until == math.inf:
+                self._announced_due = min(self._announced_due, due)
+                return False
+            return due < self._sleep_until
 
     def run(self) -> None:
         self._loop("dispatcher", self.run_once, self._sleep)
@@ -235,10 +241,16 @@ class Dispatcher:
 
     def _sleep(self, wait_s: float) -> None:
         """The claim loop's wait: until woken or wait_s, then a linger while busy (see config)."""
+        with self._plan_lock:
+            now = time.monotonic()
+            wait_s = min(wait_s, self._announced_due - now)
+            self._announced_due = math.inf
+            if wait_s > 0:
+                self._sleep_until = now + wait_s
         if wait_s > 0:
-            self._sleep_until = time.monotonic() + wait_s
             self.wakeup.wait(wait_s)
-            self._sleep_until = math.inf
+            with self._plan_lock:
+                self._sleep_until = math.inf
         if time.monotonic() - self._last_claim < BUSY_WINDOW_S:
             self._stop.wait(LINGER_S)
 
@@ -546,6 +558,18 @@ class Dispatcher:
         except DatabaseUnavailable as exc:
             log.warning("could not return %s to the queue (%s); the acknowledgement deadline will",
                         attempt.task_id, exc)
+
+
+def _monotonic_due(payload: str | None) -> float:
+    """A NOTIFY payload's due time (epoch seconds on the database's clock) on this process's
+    monotonic clock; minus infinity (due at once) when it names no time."""
+    try:
+        due_epoch = float(payload or "")
+    except ValueError:
+        return -math.inf  # no due time (a trigger from before migration 0003)
+    if not math.isfinite(due_epoch):
+        return -math.inf
+    return time.monotonic() + (due_epoch - time.time())
 
 
 def _batch(tasks: list[ClaimedTask]) -> distrack_pb2.TaskBatch:
