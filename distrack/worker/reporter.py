@@ -29,7 +29,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from distrack.config import BUSY_WINDOW_S, LINGER_S
+from distrack.config import REPORT_BUSY_WINDOW_S, REPORT_LINGER_S
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import TransportSecurity, client_channel
 
@@ -200,8 +200,9 @@ class ReportBatcher:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
-                if time.monotonic() - last_call < BUSY_WINDOW_S:
-                    self._cond.wait_for(lambda: len(self._queue) >= self.max_batch or self._closed, LINGER_S)
+                if time.monotonic() - last_call < REPORT_BUSY_WINDOW_S:
+                    self._cond.wait_for(lambda: len(self._queue) >= self.max_batch or self._closed,
+                                        REPORT_LINGER_S)
                 if self._closed:
                     return
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
