@@ -93,3 +93,33 @@ def test_a_replaced_start_gets_the_answer_of_the_final_report(gated):
     assert (final.result(10), start.result(10)) == (True, True)
     assert coordinator.refused == 1
     assert sent(coordinator)[-1] == (task, Status.COMPLETED)
+
+
+def test_under_load_reports_wait_for_more_and_a_full_batch_goes_at_once(monkeypatch):
+    import distrack.worker.reporter as reporter
+
+    # A linger far longer than the test's deadlines: only a full batch can send these in time.
+    monkeypatch.setattr(reporter, "REPORT_BUSY_WINDOW_S", 60.0)
+    monkeypatch.setattr(reporter, "REPORT_LINGER_S", 30.0)
+    coordinator = GatedCoordinator()
+    coordinator.gate.set()
+    server, port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, coordinator)
+    stop = threading.Event()
+    client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
+    batcher = ReportBatcher(client, max_batch=2).start()
+    try:
+        first, second, third = (str(uuid.uuid4()) for _ in range(3))
+        [sent_at_once] = batcher.submit([update(first, Status.COMPLETED)])  # idle: no wait
+        assert sent_at_once.result(5) is True
+        [waits] = batcher.submit([update(second, Status.COMPLETED)])  # just after a call: it waits
+        # With a report queued, the sending thread waits on its condition only in the linger.
+        wait_for(lambda: batcher._cond._waiters, what="the sending thread to linger")
+        [fills] = batcher.submit([update(third, Status.COMPLETED)])  # the batch is full: both go
+        assert (waits.result(5), fills.result(5)) == (True, True)
+        assert coordinator.calls_seen == 2
+        assert sent(coordinator) == [(first, Status.COMPLETED), (second, Status.COMPLETED), (third, Status.COMPLETED)]
+    finally:
+        stop.set()
+        batcher.close(5)
+        client.close()
+        server.stop(0).wait()

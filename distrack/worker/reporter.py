@@ -171,6 +171,7 @@ class ReportBatcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the report queue is closed")
+            was_empty = not self._queue
             for entry in zip(updates, futures, strict=True):
                 update = entry[0]
                 key = (update.task_id, update.lease)
@@ -180,7 +181,10 @@ class ReportBatcher:
                     self._queue.remove(start)
                     entry[1].add_done_callback(lambda final, start=start[1]: _pass_result(final, start))
                 self._queue.append(entry)
-            self._cond.notify()
+            # The sending thread waits for a first report, then (lingering) for a full batch: a
+            # wake-up for every report in between would cost a thread switch each, for nothing.
+            if was_empty or len(self._queue) >= self.max_batch:
+                self._cond.notify()
         return futures
 
     def close(self, timeout_s: float = 10.0) -> None:
