@@ -153,12 +153,23 @@ def test_a_heartbeat_lists_the_runs_to_stop(served, store):
     a = claim(store)
     served.report(a, Status.INPROGRESS)
     stranger = str(uuid.uuid4())
-    reply = served.heartbeat_reply("w1", unfinished=[str(mine), stranger])
+    listed = [str(mine), stranger]
+    reply = served.heartbeat_reply("w1", running=listed, unfinished=listed)
     assert list(reply.stop_task_ids) == [stranger] and not reply.cancel_task_ids
     store.cancel_task(mine)
-    reply = served.heartbeat_reply("w1", unfinished=[str(mine), stranger])
+    reply = served.heartbeat_reply("w1", running=listed, unfinished=listed)
     # A cancel is in both lists: a worker that does not know cancel_task_ids still stops it.
     assert sorted(reply.stop_task_ids) == sorted([str(mine), stranger]) and list(reply.cancel_task_ids) == [str(mine)]
+
+
+def test_a_heartbeat_does_not_tell_a_worker_to_stop_runs_that_already_ended(served, store):
+    # The run ended and its final report was recorded; the worker lists the task as unfinished until
+    # the report's answer reaches it. Nothing runs to be stopped, and nothing need be said (under load
+    # this used to log a "telling ... to stop" line for every heartbeat).
+    store.insert_task("echo done", 0)
+    a = claim(store)
+    assert served.report(a, Status.COMPLETED, started_at=time.time())
+    assert served.heartbeat("w1", running=[], unfinished=[str(a.task_id)]) == []
 
 
 def test_a_heartbeat_that_cannot_be_recorded_holds_back_the_rescue(db_url):

@@ -58,7 +58,9 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                                            listed, prefetch):
                 log.info("worker %s joined at %s with %d slot(s) and %d to prefetch", request.worker_id,
                          request.address, request.slots, prefetch)
-            stop = self.store.runs_to_stop(request.worker_id, request.unfinished_task_ids)
+            # Runs, not every unfinished task: one whose run ended and whose final report is on its
+            # way (or recorded, its answer not yet back) has nothing left to stop.
+            stop = self.store.runs_to_stop(request.worker_id, request.running_task_ids)
             self._end_unlisted_runs(request)
             ttl_s = self.config.worker_ttl_s
         except DatabaseUnavailable as exc:
