@@ -78,36 +78,3 @@ def test_a_nul_in_an_argument_or_the_environment_is_refused_not_cut_short(path, 
                           (["bash", "-c", "true"], {"PATH": os.defpath, "X": "a\0b"})):
             with pytest.raises(ValueError):
                 spawner.spawn_session("bash", argv, env, stdin_path=os.devnull, output_fd=out.fileno())
-
-
-def _wrapper_bash(folder: Path, real_bash: str) -> Path:
-    """A `bash` in `folder` that says so, then runs the real one."""
-    folder.mkdir()
-    wrapper = folder / "bash"
-    wrapper.write_text(f"#!{real_bash}\necho wrapped\nexec {real_bash} \"$@\"\n")
-    wrapper.chmod(0o755)
-    return wrapper
-
-
-def test_bash_is_the_first_on_path_and_is_found_again_once_it_is_gone(tmp_path, monkeypatch):
-    import shutil
-
-    from distrack.worker import runner
-
-    real_bash = shutil.which("bash")
-    assert real_bash
-    wrapper = _wrapper_bash(tmp_path / "first", real_bash)
-    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
-    assert runner.spawn("echo hello", tmp_path / "a.txt").wait(10) == 0
-    assert (tmp_path / "a.txt").read_text() == "wrapped\nhello\n"  # the first bash on PATH, as execvp
-    wrapper.unlink()  # after it was looked up: the next spawn searches PATH again
-    assert runner.spawn("echo again", tmp_path / "b.txt").wait(10) == 0
-    assert (tmp_path / "b.txt").read_text() == "again\n"
-
-
-def test_with_no_bash_on_path_a_spawn_is_a_file_not_found_error(tmp_path, monkeypatch):
-    from distrack.worker import runner
-
-    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
-    with pytest.raises(FileNotFoundError):
-        runner.spawn("echo never", tmp_path / "out.txt")

@@ -9,10 +9,8 @@ so that the GIL is released while the child execs (see spawner). Its exit is awa
 
 from __future__ import annotations
 
-import functools
 import os
 import select
-import shutil
 import signal
 import threading
 import time
@@ -103,30 +101,12 @@ class Child:
             self._pidfd = None
 
 
-@functools.lru_cache(maxsize=4)
-def _bash_on(path: str | None) -> str:
-    """Where bash is on `path` (this process's PATH, which posix_spawnp searches), or "bash" when it
-    is on none of it. Looked up once: a spawn that searches PATH itself pays a failed exec for every
-    directory before bash's, about 0.18 ms of the worker's CPU per task with a PATH of ten."""
-    return shutil.which("bash", path=path) or "bash"
-
-
 def spawn(command: str, output: Path, env: Mapping[str, str] | None = None) -> Child:
     """Starts `bash -c command` in a new session, output to `output`; raises OSError when it cannot."""
-    argv = ["bash", "-c", command]
-    env = os.environ if env is None else env
     with open(output, "wb") as out:
-        path = os.environ.get("PATH")
-        bash = _bash_on(path)
         # Its own session and process group, so a timeout or cancel can kill everything it started.
-        try:
-            pid = spawn_session(bash, argv, env, stdin_path=os.devnull, output_fd=out.fileno())
-        except FileNotFoundError:
-            if bash == "bash":
-                raise
-            # Moved or removed since it was looked up: search PATH again, as execvp would.
-            _bash_on.cache_clear()
-            pid = spawn_session(_bash_on(path), argv, env, stdin_path=os.devnull, output_fd=out.fileno())
+        pid = spawn_session("bash", ["bash", "-c", command], os.environ if env is None else env,
+                            stdin_path=os.devnull, output_fd=out.fileno())
     return Child(pid)
 
 
