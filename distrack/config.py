@@ -49,7 +49,7 @@ LINGER_S = 0.005
 # gRPC call and a statement, the worker a call, and PostgreSQL a transaction, whatever it carries,
 # and at a few hundred short tasks a second 5 ms gathered about two reports a call. No pickup waits
 # for a report (a task's start time is taken on the worker), so the longer wait only records a start
-# or an end up to REPORT_LINGER_S later, and only while reports keep coming.
+# or an end up to REPORT_LINGER_S later, and only while calls carry several reports.
 REPORT_BUSY_WINDOW_S = 0.05
 REPORT_LINGER_S = 0.02
 DEFAULT_SHUTDOWN_GRACE_S = 30.0

@@ -108,16 +108,44 @@ def test_under_load_reports_wait_for_more_and_a_full_batch_goes_at_once(monkeypa
     client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
     batcher = ReportBatcher(client, max_batch=2).start()
     try:
-        first, second, third = (str(uuid.uuid4()) for _ in range(3))
-        [sent_at_once] = batcher.submit([update(first, Status.COMPLETED)])  # idle: no wait
-        assert sent_at_once.result(5) is True
-        [waits] = batcher.submit([update(second, Status.COMPLETED)])  # just after a call: it waits
+        first, also_first, second, third = (str(uuid.uuid4()) for _ in range(4))
+        # Idle: no wait (the two go in one call, as they were queued together).
+        sent_at_once = batcher.submit([update(first, Status.COMPLETED), update(also_first, Status.COMPLETED)])
+        assert [f.result(5) for f in sent_at_once] == [True, True]
+        [waits] = batcher.submit([update(second, Status.COMPLETED)])  # just after a call of several: it waits
         # With a report queued, the sending thread waits on its condition only in the linger.
         wait_for(lambda: batcher._cond._waiters, what="the sending thread to linger")
         [fills] = batcher.submit([update(third, Status.COMPLETED)])  # the batch is full: both go
         assert (waits.result(5), fills.result(5)) == (True, True)
         assert coordinator.calls_seen == 2
-        assert sent(coordinator) == [(first, Status.COMPLETED), (second, Status.COMPLETED), (third, Status.COMPLETED)]
+        assert sent(coordinator) == [(first, Status.COMPLETED), (also_first, Status.COMPLETED),
+                                     (second, Status.COMPLETED), (third, Status.COMPLETED)]
+    finally:
+        stop.set()
+        batcher.close(5)
+        client.close()
+        server.stop(0).wait()
+
+
+def test_a_report_just_after_a_lone_one_goes_at_once(monkeypatch):
+    import distrack.worker.reporter as reporter
+
+    # At a moderate rate a task's end follows its start report alone: waiting would gather nothing.
+    monkeypatch.setattr(reporter, "REPORT_BUSY_WINDOW_S", 60.0)
+    monkeypatch.setattr(reporter, "REPORT_LINGER_S", 30.0)
+    coordinator = GatedCoordinator()
+    coordinator.gate.set()
+    server, port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, coordinator)
+    stop = threading.Event()
+    client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
+    batcher = ReportBatcher(client).start()
+    try:
+        task = str(uuid.uuid4())
+        [start] = batcher.submit([update(task, Status.INPROGRESS)])
+        assert start.result(5) is True
+        [end] = batcher.submit([update(task, Status.COMPLETED)])
+        assert end.result(5) is True  # not after the 30 s linger
+        assert coordinator.calls_seen == 2
     finally:
         stop.set()
         batcher.close(5)

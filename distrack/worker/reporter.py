@@ -201,10 +201,14 @@ class ReportBatcher:
 
     def _run(self) -> None:
         last_call = 0.0
+        last_size = 0
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
-                if time.monotonic() - last_call < REPORT_BUSY_WINDOW_S:
+                # Busy: the last call was recent and carried several reports. A lone report after a
+                # lone one (a task's end just after its start, at a moderate rate) goes at once: the
+                # wait would delay it and gather nothing.
+                if last_size > 1 and time.monotonic() - last_call < REPORT_BUSY_WINDOW_S:
                     self._cond.wait_for(lambda: len(self._queue) >= self.max_batch or self._closed,
                                         REPORT_LINGER_S)
                 if self._closed:
@@ -214,7 +218,7 @@ class ReportBatcher:
                     if update.status == distrack_pb2.INPROGRESS:
                         self._unsent_starts.pop((update.task_id, update.lease), None)
             self._send(batch)
-            last_call = time.monotonic()
+            last_call, last_size = time.monotonic(), len(batch)
 
     def _send(self, batch: list[tuple[distrack_pb2.TaskStatusUpdate, Future]]) -> None:
         try:
