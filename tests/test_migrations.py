@@ -86,18 +86,22 @@ def test_queries_file_parses_into_named_statements():
         parse_queries("-- a --\nSELECT 1;\n-- a --\nSELECT 2;\n")
 
 
-def test_claim_reads_only_the_partial_index_whatever_the_history(sql_conn):
-    # 20,000 finished rows and 5 queued ones: the claim must not visit the finished ones.
-    sql_conn.execute(
-        "INSERT INTO tasks (id, command, scheduled_at, status, attempts) "
-        "SELECT gen_random_uuid(), 'echo', now() - interval '1 hour', 'completed', 1 FROM generate_series(1, 20000)"
-    )
+def _claim_beside(sql_conn, others_sql: str) -> str:
+    """Inserts the rows `others_sql` selects (id, command, scheduled_at, status, attempts) and 5
+    tasks due now, analyzes the table, and returns the claim statement for three slots."""
+    sql_conn.execute(f"INSERT INTO tasks (id, command, scheduled_at, status, attempts) {others_sql}")
     sql_conn.execute(
         "INSERT INTO tasks (id, command, scheduled_at) "
         "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 5)"
     )
     sql_conn.execute("ANALYZE tasks")
-    claim = queries()["claim_due"].replace("%(worker_ids)s", "ARRAY['w1', 'w2', 'w3']")
+    return queries()["claim_due"].replace("%(worker_ids)s", "ARRAY['w1', 'w2', 'w3']")
+
+
+def test_claim_reads_only_the_partial_index_whatever_the_history(sql_conn):
+    # 20,000 finished rows and 5 queued ones: the claim must not visit the finished ones.
+    claim = _claim_beside(sql_conn, "SELECT gen_random_uuid(), 'echo', now() - interval '1 hour', 'completed', 1 "
+                                    "FROM generate_series(1, 20000)")
     with sql_conn.transaction(force_rollback=True):
         rows = sql_conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {claim}").fetchall()
     plan = "\n".join(r["QUERY PLAN"] for r in rows)
@@ -113,16 +117,8 @@ def _rows_read(plan: dict) -> int:
 def test_claim_reads_a_few_rows_whatever_is_queued_for_later(sql_conn):
     # 20,000 tasks due in an hour and 5 due now: a claim (the coordinator runs one at every wake-up)
     # must read about what it claims, not the whole queue of tasks scheduled for later.
-    sql_conn.execute(
-        "INSERT INTO tasks (id, command, scheduled_at) "
-        "SELECT gen_random_uuid(), 'echo', now() + interval '1 hour' FROM generate_series(1, 20000)"
-    )
-    sql_conn.execute(
-        "INSERT INTO tasks (id, command, scheduled_at) "
-        "SELECT gen_random_uuid(), 'echo', now() FROM generate_series(1, 5)"
-    )
-    sql_conn.execute("ANALYZE tasks")
-    claim = queries()["claim_due"].replace("%(worker_ids)s", "ARRAY['w1', 'w2', 'w3']")
+    claim = _claim_beside(sql_conn, "SELECT gen_random_uuid(), 'echo', now() + interval '1 hour', 'queued', 0 "
+                                    "FROM generate_series(1, 20000)")
     with sql_conn.transaction(force_rollback=True):
         (explained,) = sql_conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim}").fetchone().values()
     with sql_conn.transaction(force_rollback=True):

@@ -1,8 +1,10 @@
 """ReportBatcher against a real gRPC coordinator in the test: batching, and final reports that take the
 place of start reports still waiting."""
 
+import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from helpers import RecordingCoordinator, serve_in_test, wait_for
@@ -28,19 +30,30 @@ class GatedCoordinator(RecordingCoordinator):
         return super().ReportTasks(request, context)
 
 
-@pytest.fixture
-def gated():
+@contextlib.contextmanager
+def serving(*, open_gate: bool = False, max_batch: int = 1000) -> Iterator[tuple[GatedCoordinator, ReportBatcher]]:
+    """A GatedCoordinator served over a real socket and a ReportBatcher that reports to it."""
     servicer = GatedCoordinator()
+    if open_gate:
+        servicer.gate.set()
     server, port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, servicer)
     stop = threading.Event()
     client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
-    batcher = ReportBatcher(client).start()
-    yield servicer, batcher
-    servicer.gate.set()
-    stop.set()
-    batcher.close(5)
-    client.close()
-    server.stop(0).wait()
+    batcher = ReportBatcher(client, max_batch=max_batch).start()
+    try:
+        yield servicer, batcher
+    finally:
+        servicer.gate.set()
+        stop.set()
+        batcher.close(5)
+        client.close()
+        server.stop(0).wait()
+
+
+@pytest.fixture
+def gated():
+    with serving() as served:
+        yield served
 
 
 def update(task_id: str, status: int, lease: int = 1, started_at: float = 0.0) -> distrack_pb2.TaskStatusUpdate:
@@ -101,13 +114,7 @@ def test_under_load_reports_wait_for_more_and_a_full_batch_goes_at_once(monkeypa
     # A linger far longer than the test's deadlines: only a full batch can send these in time.
     monkeypatch.setattr(reporter, "REPORT_BUSY_WINDOW_S", 60.0)
     monkeypatch.setattr(reporter, "REPORT_LINGER_S", 30.0)
-    coordinator = GatedCoordinator()
-    coordinator.gate.set()
-    server, port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, coordinator)
-    stop = threading.Event()
-    client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
-    batcher = ReportBatcher(client, max_batch=2).start()
-    try:
+    with serving(open_gate=True, max_batch=2) as (coordinator, batcher):
         first, also_first, second, third = (str(uuid.uuid4()) for _ in range(4))
         # Idle: no wait (the two go in one call, as they were queued together).
         sent_at_once = batcher.submit([update(first, Status.COMPLETED), update(also_first, Status.COMPLETED)])
@@ -120,11 +127,6 @@ def test_under_load_reports_wait_for_more_and_a_full_batch_goes_at_once(monkeypa
         assert coordinator.calls_seen == 2
         assert sent(coordinator) == [(first, Status.COMPLETED), (also_first, Status.COMPLETED),
                                      (second, Status.COMPLETED), (third, Status.COMPLETED)]
-    finally:
-        stop.set()
-        batcher.close(5)
-        client.close()
-        server.stop(0).wait()
 
 
 def test_a_report_just_after_a_lone_one_goes_at_once(monkeypatch):
@@ -133,21 +135,10 @@ def test_a_report_just_after_a_lone_one_goes_at_once(monkeypatch):
     # At a moderate rate a task's end follows its start report alone: waiting would gather nothing.
     monkeypatch.setattr(reporter, "REPORT_BUSY_WINDOW_S", 60.0)
     monkeypatch.setattr(reporter, "REPORT_LINGER_S", 30.0)
-    coordinator = GatedCoordinator()
-    coordinator.gate.set()
-    server, port = serve_in_test(distrack_pb2_grpc.add_CoordinatorServicer_to_server, coordinator)
-    stop = threading.Event()
-    client = CoordinatorClient([f"127.0.0.1:{port}"], report_retry_s=5.0, stop=stop)
-    batcher = ReportBatcher(client).start()
-    try:
+    with serving(open_gate=True) as (coordinator, batcher):
         task = str(uuid.uuid4())
         [start] = batcher.submit([update(task, Status.INPROGRESS)])
         assert start.result(5) is True
         [end] = batcher.submit([update(task, Status.COMPLETED)])
         assert end.result(5) is True  # not after the 30 s linger
         assert coordinator.calls_seen == 2
-    finally:
-        stop.set()
-        batcher.close(5)
-        client.close()
-        server.stop(0).wait()
