@@ -46,8 +46,9 @@ def default_prefetch(slots: int) -> int:
 BUSY_WINDOW_S = 0.01
 LINGER_S = 0.005
 # A worker's status reports batch over a longer window: each ReportTasks call costs the coordinator a
-# gRPC call and a statement, the worker a call, and PostgreSQL a transaction, whatever it carries,
-# and at a few hundred short tasks a second 5 ms gathered about two reports a call. No pickup waits
+# gRPC call and a statement, the worker a call, and PostgreSQL a transaction, whatever it carries
+# (with 3 workers at about 500 short tasks a second, 5 ms gathered about 8 reports a call, 20 ms about
+# 11, for 0.24-0.37 ms less machine CPU per task in three A/B rounds). No pickup waits
 # for a report (a task's start time is taken on the worker), so the longer wait only records a start
 # or an end up to REPORT_LINGER_S later, and only while calls carry several reports.
 REPORT_BUSY_WINDOW_S = 0.05
