@@ -39,20 +39,6 @@ def default_prefetch(slots: int) -> int:
     return min(slots * PREFETCH_PER_SLOT, MAX_TASKS_PER_WORKER)
 
 
-# Batching under load, on both ends of the dispatch: after a claim (coordinator) or a report call
-# (worker) less than BUSY_WINDOW_S ago, the next one waits up to LINGER_S to gather more, since a call
-# or a statement costs far more CPU than another task in it. An idle service sends at once, so a lone
-# task's pickup is never held back.
-BUSY_WINDOW_S = 0.01
-LINGER_S = 0.005
-# A worker's status reports batch over a longer window: each ReportTasks call costs the coordinator a
-# gRPC call and a statement, the worker a call, and PostgreSQL a transaction, whatever it carries
-# (with 3 workers at about 500 short tasks a second, 5 ms gathered about 8 reports a call, 20 ms about
-# 11, for 0.24-0.37 ms less machine CPU per task in three A/B rounds). No pickup waits
-# for a report (a task's start time is taken on the worker), so the longer wait only records a start
-# or an end up to REPORT_LINGER_S later, and only while calls carry several reports.
-REPORT_BUSY_WINDOW_S = 0.05
-REPORT_LINGER_S = 0.02
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 # Well under gunicorn's worker timeout (60 s), which would kill the process and every connection on it.
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0

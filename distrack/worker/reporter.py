@@ -29,7 +29,6 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from distrack.config import REPORT_BUSY_WINDOW_S, REPORT_LINGER_S
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import TransportSecurity, client_channel
 
@@ -49,6 +48,16 @@ DEREGISTER_TIMEOUT_S = 5.0
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() in TRANSIENT_CODES
 
+
+# Batching under load: after a call that carried several reports less than REPORT_BUSY_WINDOW_S ago,
+# the next waits up to REPORT_LINGER_S for more. Each ReportTasks call costs the coordinator a gRPC
+# call and a statement, the worker a call, and PostgreSQL a transaction, whatever it carries (with 3
+# workers at about 500 short tasks a second, 5 ms gathered about 8 reports a call, 20 ms about 11,
+# for 0.24-0.37 ms less machine CPU per task in three A/B rounds). No pickup waits for a report (a
+# task's start time is taken on the worker), so the wait only records a start or an end up to
+# REPORT_LINGER_S later, and only while calls carry several reports.
+REPORT_BUSY_WINDOW_S = 0.05
+REPORT_LINGER_S = 0.02
 
 # Unreachable rather than refusing: worth trying another coordinator.
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
