@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 class Gunicorn:
-    def __init__(self, tmp_path: Path, *extra: str) -> None:
+    def __init__(self, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = tmp_path / "gunicorn.log"
         self._log = open(self.log_path, "ab")
@@ -34,6 +34,7 @@ class Gunicorn:
             [sys.executable, "-m", "gunicorn", "-k", WORKER_CLASS, "-b", f"127.0.0.1:{self.port}", "-w", "1",
              "--graceful-timeout", "5", "--no-control-socket", *extra, "httpworker_app:app"],
             cwd=TESTS, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         wait_for(self._answers, timeout=20, what="gunicorn to answer")
 
@@ -206,6 +207,46 @@ def test_a_small_unread_body_is_discarded_and_the_connection_serves_on(server):
         assert read_response(sock)[2] == b"ok"
         sock.sendall(request("/echo", b"next"))
         assert read_response(sock)[2].endswith(b" next")
+
+
+@pytest.mark.parametrize("size", [500, 5000])
+def test_a_partly_read_body_is_discarded_and_the_connection_serves_on(server, size):
+    # 500 bytes: the app's read of 10 took the whole body off the connection (gunicorn reads ahead for
+    # it) and the next request starts right after; 5,000: the rest of the body is still to be read
+    # from the connection, and must not be taken for a request.
+    with server.connect() as sock:
+        sock.sendall(request("/readsome", b"0123456789" + b"x" * (size - 10)) + request("/echo", b"next"))
+        pending = bytearray()
+        assert read_response(sock, pending)[2] == b"0123456789"
+        status, _, body = read_response(sock, pending)
+        assert status == 200 and body.endswith(b" next")
+
+
+@pytest.fixture()
+def impatient_server(tmp_path: Path) -> Iterator[Gunicorn]:
+    g = Gunicorn(tmp_path, env={"TEST_READ_TIMEOUT_S": "0.5"})
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("sent", [
+    b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Le",  # stops in the headers
+    b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly part",  # and in the body
+], ids=["headers", "body"])
+def test_a_client_that_stops_sending_mid_request_is_closed_after_the_read_timeout(impatient_server, sent):
+    with impatient_server.connect() as sock:
+        sock.sendall(request("/ping"))  # a request served first: the timeout holds on a kept-alive connection
+        assert read_response(sock)[0] == 200
+        sock.sendall(sent)
+        started = time.monotonic()
+        assert closed_by_server(sock)  # blocks until the server closes it (or the 10 s timeout)
+        assert 0.4 < time.monotonic() - started < 5
+    with impatient_server.connect() as sock:  # and the worker serves on
+        sock.sendall(request("/ping"))
+        assert read_response(sock)[0] == 200
+    assert "Socket error" not in impatient_server.log_path.read_text()
 
 
 def test_a_large_unread_body_that_never_ends_closes_the_connection_soon(server):
