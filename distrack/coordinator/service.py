@@ -123,11 +123,12 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         failures: list[tuple[int, EndedAttempt]] = []
         returns: list[tuple[int, Attempt]] = []
         for index, update in enumerate(updates):
-            problem = _report_problem(update)
-            if problem:
+            task_id = _uuid_or_none(update.task_id)
+            problem = _report_problem(update, task_id)
+            if task_id is None or problem:
                 acks[index] = distrack_pb2.TaskStatusAck(error=problem)
                 continue
-            attempt = Attempt(uuid.UUID(update.task_id), update.lease, update.worker_id)
+            attempt = Attempt(task_id, update.lease, update.worker_id)
             started_at = update.started_at or None  # 0: the worker did not say (it never started it)
             if update.status == Status.INPROGRESS:
                 starts.append((index, attempt, started_at))
@@ -194,8 +195,9 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
 MAX_STARTED_AT = 253_402_300_799.0
 
 
-def _report_problem(update: distrack_pb2.TaskStatusUpdate) -> str | None:
-    if _uuid_or_none(update.task_id) is None:
+def _report_problem(update: distrack_pb2.TaskStatusUpdate, task_id: uuid.UUID | None) -> str | None:
+    """What is wrong with a report, if anything; `task_id` is its task_id parsed (None: not a UUID)."""
+    if task_id is None:
         return f"task_id {update.task_id[:100]!r} is not a UUID"
     if not update.worker_id or "\x00" in update.worker_id:
         return "a status report needs a worker_id (without NUL characters)"
