@@ -555,6 +555,50 @@ def test_cancels_held_up_by_a_silent_worker_never_hold_up_a_dispatch(store, db_u
         dispatcher.stop()
 
 
+class HoldingWorker(AcceptingWorker):
+    """Takes every task, answering each call only once `release` is set (a worker slow to answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def SubmitTasks(self, request, context):
+        with self._lock:
+            self.received.extend(t.task_id for t in request.tasks)
+        self.release.wait(10)
+        return distrack_pb2.TaskBatchResponse(results=[
+            distrack_pb2.TaskResponse(task_id=t.task_id, accepted=True) for t in request.tasks])
+
+
+def test_dispatches_awaiting_their_answers_never_hold_up_another(store, db_url, worker_servers):
+    # More calls awaiting a slow worker's answers than the dispatcher has call threads: a dispatch to
+    # another worker still leaves at once, while every one of them is still waiting.
+    from distrack.coordinator.dispatcher import DISPATCH_THREADS
+
+    slow, other = HoldingWorker(), AcceptingWorker()
+    held = DISPATCH_THREADS + 2
+    store.record_heartbeat("slow", worker_servers(slow), held, [])
+    dispatcher = dispatcher_for(store, db_url, ack_timeout_s=20.0)  # calls may wait 10 s for answers
+    try:
+        for _ in range(held):  # one call each
+            store.insert_task("echo", 0)
+            dispatcher.run_once()
+        store.record_heartbeat("other", worker_servers(other), 1, [])
+        dispatcher._refresh_workers()
+        task_id = str(store.insert_task("echo", 0)["id"])
+        dispatcher.run_once()
+        wait_for(lambda: other.received == [task_id], what="the dispatch to the other worker")
+        assert not slow.release.is_set() and dispatcher._answers_owed == held
+        slow.release.set()
+        with dispatcher._answers_changed:
+            assert dispatcher._answers_changed.wait_for(lambda: dispatcher._answers_owed == 0, 10)
+        assert len(slow.received) == held
+    finally:
+        slow.release.set()
+        dispatcher.stop()
+
+
 def test_the_coordinator_tries_to_reach_a_worker_about_once_a_heartbeat_through_an_outage():
     # Without a bound, gRPC's reconnect backoff (up to 2 min) would leave a worker that was cut off for a
     # few seconds unreached for seconds more: every dispatch to it refused, though it heartbeats.
