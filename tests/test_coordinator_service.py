@@ -599,6 +599,49 @@ def test_dispatches_awaiting_their_answers_never_hold_up_another(store, db_url, 
         dispatcher.stop()
 
 
+def test_a_dispatch_on_a_channel_closed_just_before_goes_to_another_worker(store, db_url, worker_servers):
+    first, other = AcceptingWorker(), AcceptingWorker()
+    store.record_heartbeat("first", worker_servers(first), 1, [])
+    dispatcher = dispatcher_for(store, db_url)
+    try:
+        dispatcher._refresh_workers()
+        store.record_heartbeat("other", worker_servers(other), 1, [])
+        # The worker's channel is closed under the loop (as forget() does when a worker leaves): the call
+        # cannot start, so it never reached the worker, and the task may go to the other one.
+        dispatcher.clients.stub(dispatcher.registry.get("first"))
+        dispatcher.clients._stubs["first"][1].close()
+        dispatcher._refresh_workers()
+        task_id = str(store.insert_task("echo", 0)["id"])
+        dispatcher.run_once()
+        wait_for(lambda: other.received == [task_id], what="the task passed on to the other worker")
+        assert first.received == [] and store.get_task(uuid.UUID(task_id))["worker_id"] == "other"
+    finally:
+        dispatcher.stop()
+
+
+def test_a_dispatch_answer_that_cannot_be_read_leaves_its_tasks_with_their_worker(store, db_url, worker_servers):
+    # A defect in reading an answer must neither pass the tasks on (the worker may have taken them) nor
+    # leave stop() waiting for an answer that was handled.
+    worker = AcceptingWorker()
+    store.record_heartbeat("w", worker_servers(worker), 1, [])
+    task_id = store.insert_task("echo", 0)["id"]
+    dispatcher = dispatcher_for(store, db_url)
+
+    def unreadable(*args):
+        raise RuntimeError("a defect reading the answer")
+
+    dispatcher._not_taken = unreadable
+    try:
+        dispatcher.run_once()
+        wait_for(lambda: worker.received == [str(task_id)], what="the dispatch")
+        with dispatcher._answers_changed:
+            assert dispatcher._answers_changed.wait_for(lambda: dispatcher._answers_owed == 0, 5)
+        row = store.get_task(task_id)
+        assert (row["status"], row["worker_id"]) == ("picked", "w")
+    finally:
+        dispatcher.stop()
+
+
 def test_the_coordinator_tries_to_reach_a_worker_about_once_a_heartbeat_through_an_outage():
     # Without a bound, gRPC's reconnect backoff (up to 2 min) would leave a worker that was cut off for a
     # few seconds unreached for seconds more: every dispatch to it refused, though it heartbeats.
