@@ -11,14 +11,15 @@ The main thread accepts connections (at most `worker_connections` open at once; 
 listen backlog), tells the arbiter it is alive, and on shutdown stops accepting, wakes the idle
 connections so they close, and gives busy ones `graceful_timeout` to finish their request.
 
-Each request costs as few system calls as it can: the connection threads share one GIL, and every
-call that lets go of it makes the thread queue for it again, a futex wait and wake each. So a plain
-TCP connection stays a blocking socket with its read and write timeouts set in the kernel
-(SO_RCVTIMEO, SO_SNDTIMEO), not in Python, whose socket timeouts poll before every recv and send; and
-the body of a request the app read to its end is not "discarded" afterwards, which in gunicorn sets
-the socket's timeout three times (under strace, 4 s of POST /schedule load from 16 clients: about
-57 futex calls a request before, 28 after). TLS connections keep Python's timeouts: a TLS read that times out in the
-kernel would be retried by the ssl module for ever.
+A request avoids system calls that let go of the GIL for nothing: the connection threads share one
+GIL, and each such call makes the thread queue for it again (a futex wait and wake). So a plain TCP
+connection stays a blocking socket with its read and write timeouts kept by the kernel (SO_RCVTIMEO,
+SO_SNDTIMEO), not by Python, whose socket timeouts poll before every recv and send; and the body of a
+request the app read to its end is not "discarded" afterwards, which in gunicorn sets the socket's
+timeout three times. Counted with `perf stat` over 5 s of POST /schedule load from 16 clients, per
+request: 3.0 ioctl and 3.3 poll calls before, none and 1.3 after; 10.4 futex calls before, 8.7 after;
+7.9 context switches before, 6.8 after. TLS connections keep Python's timeouts: the ssl module would
+retry a TLS read that timed out in the kernel without end.
 """
 
 from __future__ import annotations
