@@ -22,6 +22,7 @@ from distrack.bench.load import run_load
 from distrack.bench.machine import (
     CLOCK_TICKS,
     CpuMeter,
+    CpuTimes,
     CpuUsage,
     MemoryGrowth,
     RssSampler,
@@ -529,9 +530,27 @@ def test_report_exit_code_and_text():
     assert doc["exit_code"] == 0 and doc["figures"][0]["suite"] == "references" and doc["steal"] is None
     report.steal = 0.044
     assert "the hypervisor took 4.4% of the cores' time" in report.format() and report.to_dict()["steal"] == 0.044
+    report.steal_by_suite = {"throughput": 0.012, "latency": 0.15}
+    assert "steal by suite: throughput 1.2%, latency 15.0%" in report.format()
+    assert report.to_dict()["steal_by_suite"] == {"throughput": 0.012, "latency": 0.15}
     unfinished = measure_run("e", load_result(3), [task("a", completed=1)], 2, CpuUsage(1, 0.1, 0.1))
     report.add("sustained", unfinished, lambda refs: [], [unfinished])
     assert report.exit_code == 1
+
+
+def test_a_guarded_suite_notes_its_steal_whether_it_fails_or_not(monkeypatch):
+    from distrack.bench import run
+
+    times = iter([CpuTimes(0.0, 10.0, 0.0), CpuTimes(8.0, 18.0, 2.0), CpuTimes(8.0, 18.0, 2.0),
+                  CpuTimes(10.0, 20.0, 2.0)])
+    monkeypatch.setattr(run, "read_cpu_times", lambda: next(times))
+    report = Report(SuiteConfig(suites=("latency",)))
+    with report.guard("latency"):
+        pass
+    with report.guard("scaling"):
+        raise RuntimeError("its stack did not come up")
+    assert report.steal_by_suite == {"latency": pytest.approx(0.2), "scaling": 0.0}
+    assert report.failed_suites == ["scaling"]
 
 
 def test_the_bash_reference_keeps_its_files_in_the_folder_it_is_given(tmp_path):

@@ -185,8 +185,10 @@ class Report:
         self.stack = ""
         self.services: dict[str, int] = {}  # of the main stack, when it is our own
         self.duration_s = 0.0
-        # The share of the cores' time the hypervisor gave to other machines during the run.
+        # The share of the cores' time the hypervisor gave to other machines during the run, and during
+        # each suite: a host's neighbours come and go within one run, disturbing some figures only.
         self.steal: float | None = None
+        self.steal_by_suite: dict[str, float] = {}
 
     def add(self, suite: str, result: Any, figures: FigureBuilder, runs: list[TaskRun], *, errors: int = 0) -> None:
         self.results[suite] = result
@@ -197,13 +199,19 @@ class Report:
     @contextlib.contextmanager
     def guard(self, suite: str) -> Iterator[None]:
         """A suite that fails (a stack of its own that does not come up included) is reported and counted,
-        and the others still run; Ctrl-C and SIGTERM (KeyboardInterrupt, not an Exception) still stop all."""
+        and the others still run; Ctrl-C and SIGTERM (KeyboardInterrupt, not an Exception) still stop all.
+        Notes the steal during the suite."""
+        before = read_cpu_times()
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - any failure of one suite; the rest of the run still has value
             note(f"[{suite}] failed: {type(exc).__name__}: {exc}")
             self.failed_suites.append(suite)
             self.errors += 1
+        finally:
+            share = steal_share(before, read_cpu_times())
+            if share is not None:
+                self.steal_by_suite[suite] = share
 
     def skip(self, suite: str, why: str) -> None:
         note(f"[{suite}] skipped: {why}")
@@ -228,6 +236,7 @@ class Report:
             "services": self.services,
             "duration_s": round(self.duration_s, 3),
             "steal": None if self.steal is None else round(self.steal, 4),
+            "steal_by_suite": {suite: round(share, 4) for suite, share in self.steal_by_suite.items()},
             "references": self.references.to_dict(),
             "suites": {name: result.to_dict() for name, result in self.results.items()},
             "figures": [figure.to_dict() for figure in self.all_figures],
@@ -257,6 +266,9 @@ class Report:
             + ("" if self.steal is None else f"; the hypervisor took {self.steal:.1%} of the cores' time for other "
                                              "machines (steal: a noisy host slows every figure)"),
         ]
+        if self.steal_by_suite:
+            head.append("steal by suite: " + ", ".join(f"{suite} {share:.1%}"
+                                                       for suite, share in self.steal_by_suite.items()))
         head += [f"skipped {suite}: {why}" for suite, why in self.skipped.items()]
         if self.failed_suites:
             head.append(f"FAILED suites (see stderr): {', '.join(self.failed_suites)}")
