@@ -468,6 +468,58 @@ def test_a_claim_after_an_idle_one_takes_few_tasks_then_all_the_room_at_once(sto
         dispatcher.stop()
 
 
+def _wakes_and_sleeps(dispatcher, wait_s: float) -> threading.Thread:
+    """The loop's wait after a step that asked for `wait_s`, woken at once (as a report or a new
+    task would), in a thread."""
+    dispatcher.wakeup.set()
+    sleeper = threading.Thread(target=dispatcher._sleep, args=(wait_s,), daemon=True)
+    sleeper.start()
+    return sleeper
+
+
+def test_a_task_that_finds_a_free_slot_is_not_held_back_by_the_loops_linger(
+        store, db_url, worker_servers, monkeypatch):
+    # Tasks coming often (here, each claimed just after the one before) find slots free: however
+    # recent the last claim, the loop claims at once rather than lingering to gather more.
+    from distrack.coordinator import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "LINGER_S", 30.0)
+    worker = AcceptingWorker()
+    store.record_heartbeat("w", worker_servers(worker), 20, [])
+    dispatcher = dispatcher_for(store, db_url)
+    try:
+        for count in (1, 1, 10):  # lone tasks; then more than an idle claim takes, so it claims again
+            for _ in range(count):
+                store.insert_task("echo", 0)
+            sleeper = _wakes_and_sleeps(dispatcher, dispatcher.run_once())
+            sleeper.join(5.0)
+            assert not sleeper.is_alive(), f"lingered after a claim of {count} task(s) with slots free"
+    finally:
+        dispatcher.stop()
+
+
+def test_while_tasks_wait_for_slots_the_loop_lingers_to_gather_freed_ones(
+        store, db_url, worker_servers, monkeypatch):
+    from distrack.coordinator import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "LINGER_S", 30.0)
+    worker = AcceptingWorker()
+    store.record_heartbeat("w", worker_servers(worker), 2, [])
+    dispatcher = dispatcher_for(store, db_url)
+    sleeper = None
+    try:
+        for _ in range(5):
+            store.insert_task("echo", 0)
+        sleeper = _wakes_and_sleeps(dispatcher, dispatcher.run_once())  # both slots taken, 3 tasks due
+        sleeper.join(0.5)
+        assert sleeper.is_alive()  # gathering the slots that free meanwhile
+    finally:
+        dispatcher.stop()  # ends the linger too
+        if sleeper is not None:
+            sleeper.join(5.0)
+            assert not sleeper.is_alive()
+
+
 class CancelHoldingWorker(AcceptingWorker):
     """Takes every task; a CancelTask call is counted and then answered only once `release` is set (a
     worker gone silent), or at once with hold=False."""

@@ -151,6 +151,7 @@ def sustained_figures(result: SustainedResult, refs: References) -> list[Figure]
         Figure("sustained", "pickup p99", _ms(run.pickup, "p99_s"), "ms"),
         Figure("sustained", "machine CPU per task", run.machine_ms_per_task, "ms", refs.bash_ms,
                refs.bash_label),
+        *cpu_split_figures("sustained", run),
         Figure("sustained", "load generator CPU", run.load.cpu.client_share * 100, "%", target=CLIENT_CPU_PCT),
     ]
     for growth in result.memory:
