@@ -283,6 +283,17 @@ def test_memory_growth_figures_use_the_no_growth_target():
     assert rows["RSS scheduler, last third"].reference == 100.0
 
 
+
+def test_the_sustained_figures_split_the_machine_cpu_by_process():
+    result = type("Sustained", (), {})()
+    result.rate, result.duration_s, result.memory = 100.0, 30.0, []
+    usage = CpuUsage(30, machine_busy_s=1.0, client_s=0.01, by_process_s={"coordinator": 0.2, "worker 1": 0.3})
+    result.run = measure_run("sustained", load_result(100), [task(f"t{i}", completed=1) for i in range(100)], 0, usage)
+    rows = {f.name: f.value for f in fig.sustained_figures(result, fig.References())}
+    assert rows["  of which coordinator"] == pytest.approx(2.0)
+    assert rows["  of which workers, with their commands"] == pytest.approx(3.0)
+    assert rows["  of which the rest of the machine"] == pytest.approx(4.9)
+
 # --- the stack -----------------------------------------------------------------------------------
 
 UP_OUTPUT = """\
