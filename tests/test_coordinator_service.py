@@ -477,47 +477,46 @@ def _wakes_and_sleeps(dispatcher, wait_s: float) -> threading.Thread:
     return sleeper
 
 
-def test_a_task_that_finds_a_free_slot_is_not_held_back_by_the_loops_linger(
-        store, db_url, worker_servers, monkeypatch):
+@pytest.fixture
+def lingering_dispatcher(store, db_url, worker_servers, monkeypatch):
+    """A dispatcher whose linger lasts 30 s, with one accepting worker of `slots` slots."""
+    from distrack.coordinator import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "LINGER_S", 30.0)
+    made = []
+
+    def make(slots: int):
+        store.record_heartbeat("w", worker_servers(AcceptingWorker()), slots, [])
+        made.append(dispatcher_for(store, db_url))
+        return made[-1]
+
+    yield make
+    for dispatcher in made:
+        dispatcher.stop()  # ends a linger too
+
+
+def test_a_task_that_finds_a_free_slot_is_not_held_back_by_the_loops_linger(store, lingering_dispatcher):
     # Tasks coming often (here, each claimed just after the one before) find slots free: however
     # recent the last claim, the loop claims at once rather than lingering to gather more.
-    from distrack.coordinator import dispatcher as dispatcher_module
-
-    monkeypatch.setattr(dispatcher_module, "LINGER_S", 30.0)
-    worker = AcceptingWorker()
-    store.record_heartbeat("w", worker_servers(worker), 20, [])
-    dispatcher = dispatcher_for(store, db_url)
-    try:
-        for count in (1, 1, 10):  # lone tasks; then more than an idle claim takes, so it claims again
-            for _ in range(count):
-                store.insert_task("echo", 0)
-            sleeper = _wakes_and_sleeps(dispatcher, dispatcher.run_once())
-            sleeper.join(5.0)
-            assert not sleeper.is_alive(), f"lingered after a claim of {count} task(s) with slots free"
-    finally:
-        dispatcher.stop()
-
-
-def test_while_tasks_wait_for_slots_the_loop_lingers_to_gather_freed_ones(
-        store, db_url, worker_servers, monkeypatch):
-    from distrack.coordinator import dispatcher as dispatcher_module
-
-    monkeypatch.setattr(dispatcher_module, "LINGER_S", 30.0)
-    worker = AcceptingWorker()
-    store.record_heartbeat("w", worker_servers(worker), 2, [])
-    dispatcher = dispatcher_for(store, db_url)
-    sleeper = None
-    try:
-        for _ in range(5):
+    dispatcher = lingering_dispatcher(slots=20)
+    for count in (1, 1, 10):  # lone tasks; then more than an idle claim takes, so it claims again
+        for _ in range(count):
             store.insert_task("echo", 0)
-        sleeper = _wakes_and_sleeps(dispatcher, dispatcher.run_once())  # both slots taken, 3 tasks due
-        sleeper.join(0.5)
-        assert sleeper.is_alive()  # gathering the slots that free meanwhile
-    finally:
-        dispatcher.stop()  # ends the linger too
-        if sleeper is not None:
-            sleeper.join(5.0)
-            assert not sleeper.is_alive()
+        sleeper = _wakes_and_sleeps(dispatcher, dispatcher.run_once())
+        sleeper.join(5.0)
+        assert not sleeper.is_alive(), f"lingered after a claim of {count} task(s) with slots free"
+
+
+def test_while_tasks_wait_for_slots_the_loop_lingers_to_gather_freed_ones(store, lingering_dispatcher):
+    dispatcher = lingering_dispatcher(slots=2)
+    for _ in range(5):
+        store.insert_task("echo", 0)
+    sleeper = _wakes_and_sleeps(dispatcher, dispatcher.run_once())  # both slots taken, 3 tasks due
+    sleeper.join(0.5)
+    assert sleeper.is_alive()  # gathering the slots that free meanwhile
+    dispatcher.stop()
+    sleeper.join(5.0)
+    assert not sleeper.is_alive()
 
 
 class CancelHoldingWorker(AcceptingWorker):
