@@ -24,12 +24,17 @@ class Served:
         self.store = store
         self.registry = WorkerRegistry()
         self.db_failures = 0
+        self.slots_freed = 0
+        self.wakeup = threading.Event()
         config = CoordinatorConfig(database_url=db_url, heartbeat_interval_s=0.2)
 
         def on_db_failure() -> None:
             self.db_failures += 1
 
-        self.service = CoordinatorService(store, self.registry, config, threading.Event(), on_db_failure)
+        def on_slots_freed() -> None:
+            self.slots_freed += 1
+
+        self.service = CoordinatorService(store, self.registry, config, self.wakeup, on_db_failure, on_slots_freed)
         self.server = grpc.server(ThreadPoolExecutor(4))
         distrack_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
@@ -120,6 +125,23 @@ def test_a_task_given_back_after_its_cancel_was_asked_ends_cancelled(served, sto
     assert served.report(a, Status.RETURNED) is True
     row = store.get_task(tid)
     assert row["status"] == "cancelled" and row["attempts"] == 0 and row["started_at"] is None
+
+
+def test_completions_tell_of_freed_slots_and_other_ends_wake_the_claim_loop(served, store):
+    # A completion only frees a slot: the dispatcher decides whether that is worth a claim. A failure
+    # may be retried and a task given back is due again, so those wake the loop whatever it decides.
+    for _ in range(3):
+        store.insert_task("echo", 0)
+    done, failed, given_back = claim(store), claim(store), claim(store)
+    for attempt in (done, failed):
+        assert served.report(attempt, Status.INPROGRESS) is True
+    assert served.report(done, Status.COMPLETED, exit_code=0) is True
+    assert (served.slots_freed, served.wakeup.is_set()) == (1, False)
+    assert served.report(failed, Status.FAILED, exit_code=1) is True
+    assert (served.slots_freed, served.wakeup.is_set()) == (1, True)
+    served.wakeup.clear()
+    assert served.report(given_back, Status.RETURNED) is True
+    assert (served.slots_freed, served.wakeup.is_set()) == (1, True)
 
 
 def test_a_recorded_heartbeat_tells_the_worker_its_ttl(served):
@@ -517,6 +539,37 @@ def test_while_tasks_wait_for_slots_the_loop_lingers_to_gather_freed_ones(store,
     dispatcher.stop()
     sleeper.join(5.0)
     assert not sleeper.is_alive()
+
+
+def test_freed_slots_wake_the_claim_loop_only_while_due_tasks_wait_for_slots(store, db_url, worker_servers):
+    address = worker_servers(AcceptingWorker())
+    store.record_heartbeat("w", address, 2, [])
+    dispatcher = dispatcher_for(store, db_url)
+
+    def wakes() -> bool:
+        dispatcher.wakeup.clear()
+        dispatcher.slots_freed()
+        return dispatcher.wakeup.is_set()
+
+    try:
+        store.insert_task("echo", 0)
+        dispatcher.run_once()
+        assert not wakes()  # it took all that was due: a claim now would find nothing
+        for _ in range(3):
+            store.insert_task("echo", 0)
+        dispatcher.run_once()
+        assert wakes()  # its last free slot taken, 2 tasks left due
+        dispatcher2 = dispatcher_for(store, db_url)
+        try:
+            store.record_heartbeat("w", address, 0, [])  # no room at all: what is due waits for a slot
+            dispatcher2.run_once()
+            dispatcher2.wakeup.clear()
+            dispatcher2.slots_freed()
+            assert dispatcher2.wakeup.is_set()
+        finally:
+            dispatcher2.stop()
+    finally:
+        dispatcher.stop()
 
 
 class CancelHoldingWorker(AcceptingWorker):

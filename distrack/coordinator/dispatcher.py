@@ -162,8 +162,9 @@ class Dispatcher:
         self._last_claim = 0.0
         # Whether the last claim found more due than it took (or found due rows locked): see IDLE_CLAIM_LIMIT.
         self._backlog = True
-        # Whether that claim took all the room there was, so slots, not the idle limit, held back the
-        # rest: see BUSY_WINDOW_S.
+        # Whether due tasks wait for slots: the last claim took all the room there was and found at
+        # least as many due, or there was no room at all. Freed slots wake the loop only then
+        # (slots_freed); see also BUSY_WINDOW_S.
         self._short_of_slots = False
         # When the sleeping loop wakes up by itself (monotonic); infinity while it is awake.
         self._sleep_until = math.inf
@@ -229,6 +230,14 @@ class Dispatcher:
                 self._announced_due = min(self._announced_due, due)
                 return False
             return due < self._sleep_until
+
+    def slots_freed(self) -> None:
+        """Tasks completed and freed their slots: wakes the loop if due tasks wait for slots. Otherwise
+        its last claim took everything due, and what comes due later wakes it by itself (a NOTIFY, or
+        its planned wake-up), so a claim now would find nothing: at a moderate rate, one wasted
+        statement per task."""
+        if self._short_of_slots:
+            self.wakeup.set()
 
     def run(self) -> None:
         self._loop("dispatcher", self.run_once, self._sleep)
@@ -300,6 +309,7 @@ class Dispatcher:
         free = self.registry.free_slots()
         reservations = self.registry.reserve(free if self._backlog else min(free, IDLE_CLAIM_LIMIT))
         if not reservations:
+            self._short_of_slots = True  # no room: whatever is due waits for a slot to free
             return self.config.poll_interval_s
         claimed, next_due_s = self._claim(reservations)
         self._backlog = len(claimed) == len(reservations) or (next_due_s is not None and next_due_s < 0)

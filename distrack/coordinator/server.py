@@ -37,7 +37,8 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> None:
     dispatcher = Dispatcher(store, registry, config, wakeup, clients)
     listener = Listener(config.database_url, [QUEUED_CHANNEL, CANCEL_CHANNEL], dispatcher.on_notify)
     server, port = grpc_server(config.listen, GRPC_THREADS, config.security)
-    distrack_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, registry, config, wakeup), server)
+    service = CoordinatorService(store, registry, config, wakeup, on_slots_freed=dispatcher.slots_freed)
+    distrack_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     try:
         server.start()
         listener.start()

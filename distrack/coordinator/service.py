@@ -31,11 +31,16 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         config: CoordinatorConfig,
         wakeup: threading.Event,
         on_db_failure: Callable[[], None] = lambda: None,
+        on_slots_freed: Callable[[], None] | None = None,
     ) -> None:
+        """`on_slots_freed`: told when tasks completed and freed their slots (the dispatcher's
+        slots_freed, which wakes the claim loop only if due tasks wait for slots); without it, such
+        reports wake the loop."""
         self.store = store
         self.registry = registry
         self.config = config
         self.wakeup = wakeup
+        self.on_slots_freed = on_slots_freed or wakeup.set
         # Told when a heartbeat could not be recorded, so no worker is declared lost for silence
         # the database never got to hear.
         self.on_db_failure = on_db_failure
@@ -144,8 +149,10 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                 # Postgres text cannot hold NUL; the rest of the message is kept as the worker wrote it.
                 error = (update.error or f"exited with code {update.exit_code}").replace("\x00", "")
                 failures.append((index, EndedAttempt(attempt, error, update.exit_code, started_at)))
-        if completions or failures or returns:
-            self.wakeup.set()
+        if failures or returns:
+            self.wakeup.set()  # besides the slots: a failure may be retried, a task given back is due
+        elif completions:
+            self.on_slots_freed()
         try:
             recorded = self._record(starts, completions, failures, returns)
         except DatabaseUnavailable as exc:
