@@ -14,31 +14,51 @@ TASKS = 5000
 WORKERS = 3
 
 
-class Killer(BackgroundLoop):
-    """Every 1.5 to 3 s, SIGKILLs a random worker and starts a replacement, until stopped."""
+# A kill at a random moment within each of these spans of the work (fractions of the tasks ended):
+# tied to the work rather than to the clock, so a fast machine gets as many kills as a slow one (at
+# one every 1.5 to 3 s, a machine that ran the tasks in 9 s sometimes got only two).
+KILL_SPANS = ((0.05, 0.2), (0.25, 0.4), (0.45, 0.6), (0.65, 0.8))
 
-    def __init__(self, cluster: Cluster, workers: list, seed: int) -> None:
+
+class Killer(BackgroundLoop):
+    """SIGKILLs a random worker and starts a replacement, once within each of KILL_SPANS, until stopped."""
+
+    def __init__(self, cluster: Cluster, workers: list, seed: int, task_count: int) -> None:
         super().__init__()
         self.cluster = cluster
         self.workers = workers
         self.random = random.Random(seed)
+        self.marks = [round(self.random.uniform(low, high) * task_count) for low, high in KILL_SPANS]
         self.killed_ids: set[str] = set()
         self.kills = 0
         self.error: BaseException | None = None
 
     def _run(self) -> None:
+        import psycopg
+
         try:
-            while not self._stop.wait(self.random.uniform(1.5, 3.0)):
-                victim = self.random.choice(self.workers)
-                worker_id = self.cluster.worker_id(victim)
-                # Counted as crashed before the kill: any start on it may be cut short.
-                self.killed_ids.add(worker_id)
-                victim.signal(signal.SIGKILL)
-                victim.proc.wait()
-                self.kills += 1
-                self.workers[self.workers.index(victim)] = self.cluster.worker(slots=5)
+            with psycopg.connect(self.cluster.db_url, autocommit=True) as conn:
+                for mark in self.marks:
+                    while not self._stop.wait(0.05):
+                        (ended,) = conn.execute(
+                            "SELECT count(*) FROM tasks WHERE status IN ('completed', 'failed')").fetchone()
+                        if ended >= mark:
+                            break
+                    if self._stop.is_set():
+                        return
+                    self._kill_one()
         except BaseException as exc:  # reported by the test
             self.error = exc
+
+    def _kill_one(self) -> None:
+        victim = self.random.choice(self.workers)
+        worker_id = self.cluster.worker_id(victim)
+        # Counted as crashed before the kill: any start on it may be cut short.
+        self.killed_ids.add(worker_id)
+        victim.signal(signal.SIGKILL)
+        victim.proc.wait()
+        self.kills += 1
+        self.workers[self.workers.index(victim)] = self.cluster.worker(slots=5)
 
 
 def test_g_soak_with_random_worker_kills(cluster: Cluster, fault_report, tmp_path):
@@ -58,7 +78,7 @@ def test_g_soak_with_random_worker_kills(cluster: Cluster, fault_report, tmp_pat
             "SELECT gen_random_uuid(), %s, now(), 3 FROM generate_series(1, %s) RETURNING id::text",
             (record_command(log, "sleep 0.02"), TASKS),
         ).fetchall()]
-    killer = Killer(cluster, workers, seed)
+    killer = Killer(cluster, workers, seed, TASKS)
     killer.start()
     try:
         # Stop killing once most of the work is done, so the end is not a race with the killer.
