@@ -546,10 +546,10 @@ def test_freed_slots_wake_the_claim_loop_only_while_due_tasks_wait_for_slots(sto
     store.record_heartbeat("w", address, 2, [])
     dispatcher = dispatcher_for(store, db_url)
 
-    def wakes() -> bool:
-        dispatcher.wakeup.clear()
-        dispatcher.slots_freed()
-        return dispatcher.wakeup.is_set()
+    def wakes(d=dispatcher) -> bool:
+        d.wakeup.clear()
+        d.slots_freed()
+        return d.wakeup.is_set()
 
     try:
         store.insert_task("echo", 0)
@@ -563,9 +563,7 @@ def test_freed_slots_wake_the_claim_loop_only_while_due_tasks_wait_for_slots(sto
         try:
             store.record_heartbeat("w", address, 0, [])  # no room at all: what is due waits for a slot
             dispatcher2.run_once()
-            dispatcher2.wakeup.clear()
-            dispatcher2.slots_freed()
-            assert dispatcher2.wakeup.is_set()
+            assert wakes(dispatcher2)
         finally:
             dispatcher2.stop()
     finally:
