@@ -207,6 +207,10 @@ def test_a_start_is_recorded_at_the_workers_time_kept_between_the_claim_and_now(
     tid = store.insert_task("echo", 0)["id"]
     a = claim_one(store, "w1")
     picked_at = store.get_task(tid)["picked_at"]
+    # The start reported is 2 ms after the claim: once the database's clock has passed it, it is kept
+    # as it is (sooner, it would be clamped to now(), rightly).
+    wait_for(lambda: sql_conn.execute("SELECT now() > %s AS past", (picked_at + timedelta(milliseconds=2),)
+                                      ).fetchone()["past"], what="2 ms on the database's clock")
     assert store.mark_running(a, picked_at.timestamp() + 0.002) is True
     assert store.get_task(tid)["started_at"] == picked_at + timedelta(milliseconds=2)
     assert store.mark_running(a, picked_at.timestamp() + 0.5) is True  # a retried report: the first stands
