@@ -127,21 +127,41 @@ def test_a_task_given_back_after_its_cancel_was_asked_ends_cancelled(served, sto
     assert row["status"] == "cancelled" and row["attempts"] == 0 and row["started_at"] is None
 
 
-def test_completions_tell_of_freed_slots_and_other_ends_wake_the_claim_loop(served, store):
-    # A completion only frees a slot: the dispatcher decides whether that is worth a claim. A failure
-    # may be retried and a task given back is due again, so those wake the loop whatever it decides.
-    for _ in range(3):
-        store.insert_task("echo", 0)
-    done, failed, given_back = claim(store), claim(store), claim(store)
-    for attempt in (done, failed):
-        assert served.report(attempt, Status.INPROGRESS) is True
-    assert served.report(done, Status.COMPLETED, exit_code=0) is True
+def test_ends_tell_of_freed_slots_and_wake_the_claim_loop_only_for_what_they_put_back_in_the_queue(served, store):
+    # Freed slots are the dispatcher's to weigh (it wakes its loop if tasks wait for them). A retry or
+    # a task given back is in the queue unannounced (the NOTIFY is on INSERT): that wakes the loop.
+    ids = {name: store.insert_task("echo", 0, max_attempts=2 if name == "retried" else 1)["id"]
+           for name in ("done", "failed", "retried", "given back")}
+    claimed = {a.task_id: a for a in (claim(store) for _ in ids)}
+    attempt = {name: claimed[task_id] for name, task_id in ids.items()}
+    for name in ("done", "failed", "retried"):
+        assert served.report(attempt[name], Status.INPROGRESS) is True
+    assert served.report(attempt["done"], Status.COMPLETED, exit_code=0) is True
     assert (served.slots_freed, served.wakeup.is_set()) == (1, False)
-    assert served.report(failed, Status.FAILED, exit_code=1) is True
-    assert (served.slots_freed, served.wakeup.is_set()) == (1, True)
+    assert served.report(attempt["failed"], Status.FAILED, exit_code=1) is True  # its last attempt
+    assert (served.slots_freed, served.wakeup.is_set()) == (2, False)
+    assert served.report(attempt["retried"], Status.FAILED, exit_code=1) is True
+    assert store.get_task(ids["retried"])["status"] == "queued"
+    assert (served.slots_freed, served.wakeup.is_set()) == (3, True)
     served.wakeup.clear()
-    assert served.report(given_back, Status.RETURNED) is True
-    assert (served.slots_freed, served.wakeup.is_set()) == (1, True)
+    assert served.report(attempt["given back"], Status.RETURNED) is True
+    assert (served.slots_freed, served.wakeup.is_set()) == (4, True)
+
+
+def test_runs_a_heartbeat_no_longer_lists_wake_the_claim_loop_when_retried(served, store, sql_conn):
+    final, retried = (store.insert_task("sleep 100", 0, max_attempts=n)["id"] for n in (1, 2))
+    served.heartbeat("w1")
+    for _ in range(2):
+        served.report(claim(store), Status.INPROGRESS)
+    sql_conn.execute("UPDATE tasks SET started_at = now() - interval '1 minute' WHERE id = %s", (final,))
+    served.wakeup.clear()  # set by the first heartbeat: a new worker's slots
+    served.heartbeat("w1")
+    assert store.get_task(final)["status"] == "failed"
+    assert (served.slots_freed, served.wakeup.is_set()) == (1, False)
+    sql_conn.execute("UPDATE tasks SET started_at = now() - interval '1 minute' WHERE id = %s", (retried,))
+    served.heartbeat("w1")
+    assert store.get_task(retried)["status"] == "queued"
+    assert (served.slots_freed, served.wakeup.is_set()) == (2, True)
 
 
 def test_a_recorded_heartbeat_tells_the_worker_its_ttl(served):
@@ -430,6 +450,20 @@ def test_a_dispatch_that_may_have_reached_its_worker_stays_with_it_until_a_heart
         dispatcher._rescue()
         row = store.get_task(task_id)
         assert (row["status"], row["attempts"], row["worker_id"]) == ("queued", 0, None)
+    finally:
+        dispatcher.stop()
+
+
+def test_a_rescue_wakes_the_claim_loop_when_it_puts_a_retry_back_in_the_queue(store, db_url):
+    dispatcher = dispatcher_for(store, db_url)
+    try:
+        for max_attempts, status, wakes in ((1, "failed", False), (2, "queued", True)):
+            task_id = store.insert_task("sleep 100", 0, max_attempts=max_attempts)["id"]
+            assert store.mark_running(claim(store, f"gone-{max_attempts}"))  # a worker never heard of
+            dispatcher.wakeup.clear()
+            dispatcher._rescue()
+            assert store.get_task(task_id)["status"] == status
+            assert dispatcher.wakeup.is_set() is wakes, status
     finally:
         dispatcher.stop()
 

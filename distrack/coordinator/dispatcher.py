@@ -352,14 +352,17 @@ class Dispatcher:
             for attempt in self.store.unacknowledged_attempts(self.config.ack_timeout_s)
         ]
         by_task = {e.attempt.task_id: e for e in ended}
-        for task_id, status in self.store.end_attempts(ended, self.config.retry_delay_s).items():
+        statuses = self.store.end_attempts(ended, self.config.retry_delay_s)
+        for task_id, status in statuses.items():
             log.warning("rescued task %s: %s; now %s", task_id, by_task[task_id].error, status)
             self.registry.release(by_task[task_id].attempt.worker_id, str(task_id))
         for attempt, reason in never_started:
             if self.store.unclaim(attempt):
                 log.warning("rescued task %s before it started: %s; back in the queue", attempt.task_id, reason)
                 self.registry.release(attempt.worker_id, str(attempt.task_id))
-        if never_started:
+        # Both go back in the queue unannounced (the NOTIFY is on INSERT): the loop's next claim finds
+        # them, or the retries' due time.
+        if never_started or "queued" in statuses.values():
             self.wakeup.set()
         for row in self.store.delete_stale_workers(self.config.worker_ttl_s):
             log.warning("worker %s at %s removed after %.1f s of silence", row["worker_id"], row["address"],

@@ -86,9 +86,13 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         grace_s = 2 * self.config.heartbeat_interval_s + 1.0
         lost = self.store.unlisted_runs(request.worker_id, request.unfinished_task_ids, grace_s)
         ended = [EndedAttempt(a, UNLISTED_ERROR.format(worker_id=request.worker_id)) for a in lost]
-        for task_id, status in self.store.end_attempts(ended, self.config.retry_delay_s).items():
+        statuses = self.store.end_attempts(ended, self.config.retry_delay_s)
+        for task_id, status in statuses.items():
             log.warning("task %s: worker %s no longer runs it; now %s", task_id, request.worker_id, status)
             self.registry.release(request.worker_id, str(task_id))
+        if statuses:
+            self.on_slots_freed()
+            self._wake_for_retries(statuses)
 
     def Deregister(self, request: distrack_pb2.DeregisterRequest, context: grpc.ServicerContext):
         if not request.worker_id:
@@ -149,9 +153,9 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                 # Postgres text cannot hold NUL; the rest of the message is kept as the worker wrote it.
                 error = (update.error or f"exited with code {update.exit_code}").replace("\x00", "")
                 failures.append((index, EndedAttempt(attempt, error, update.exit_code, started_at)))
-        if failures or returns:
-            self.wakeup.set()  # besides the slots: a failure may be retried, a task given back is due
-        elif completions:
+        if completions or failures or returns:
+            # The slots they freed (the dispatcher wakes its loop if tasks wait for them). What they
+            # put back in the queue wakes the loop once written, in _record.
             self.on_slots_freed()
         try:
             recorded = self._record(starts, completions, failures, returns)
@@ -187,6 +191,7 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if failures:
             ended = self.store.end_attempts([e for _, e in failures], self.config.retry_delay_s)
             recorded.update(i for i, e in failures if e.attempt.task_id in ended)
+            self._wake_for_retries(ended)
         # Tasks a worker gives back before starting them (they waited too long for a slot there, or were
         # stopped): back to the queue as if never claimed, or cancelled. Rare, so one statement each.
         for index, attempt in returns:
@@ -194,8 +199,14 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
                 recorded.add(index)
                 log.info("worker %s gave %s back before starting it", attempt.worker_id, attempt.task_id)
         if returns:
-            self.wakeup.set()  # again: the tasks can be claimed only now
+            self.wakeup.set()  # the tasks can be claimed only now
         return recorded
+
+    def _wake_for_retries(self, ended: dict[uuid.UUID, str]) -> None:
+        """Wakes the claim loop when ended attempts put tasks back in the queue: no NOTIFY announces
+        a retry (the trigger is on INSERT), so the loop learns its due time from its next claim."""
+        if "queued" in ended.values():
+            self.wakeup.set()
 
 
 # The last second of year 9999: later than any start, and within what PostgreSQL's to_timestamp takes.
