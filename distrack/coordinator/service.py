@@ -33,9 +33,9 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         on_db_failure: Callable[[], None] = lambda: None,
         on_slots_freed: Callable[[], None] | None = None,
     ) -> None:
-        """`on_slots_freed`: told when tasks completed and freed their slots (the dispatcher's
+        """`on_slots_freed`: told when tasks ended and freed their slots (the dispatcher's
         slots_freed, which wakes the claim loop only if due tasks wait for slots); without it, such
-        reports wake the loop."""
+        ends wake the loop."""
         self.store = store
         self.registry = registry
         self.config = config
