@@ -283,7 +283,6 @@ def test_memory_growth_figures_use_the_no_growth_target():
     assert rows["RSS scheduler, last third"].reference == 100.0
 
 
-
 def test_the_sustained_figures_split_the_machine_cpu_by_process():
     result = type("Sustained", (), {})()
     result.rate, result.duration_s, result.memory = 100.0, 30.0, []
@@ -293,6 +292,7 @@ def test_the_sustained_figures_split_the_machine_cpu_by_process():
     assert rows["  of which coordinator"] == pytest.approx(2.0)
     assert rows["  of which workers, with their commands"] == pytest.approx(3.0)
     assert rows["  of which the rest of the machine"] == pytest.approx(4.9)
+
 
 # --- the stack -----------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ import grpc
 
 from distrack.config import CoordinatorConfig
 from distrack.coordinator.registry import WorkerInfo, WorkerRegistry
-from distrack.db.store import Attempt, ClaimedTask, EndedAttempt, TaskStore
+from distrack.db.store import Attempt, ClaimedTask, EndedAttempt, TaskStore, any_requeued
 from distrack.errors import DatabaseUnavailable
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 from distrack.transport import TransportSecurity, client_channel
@@ -232,7 +232,7 @@ class Dispatcher:
             return due < self._sleep_until
 
     def slots_freed(self) -> None:
-        """Tasks completed and freed their slots: wakes the loop if due tasks wait for slots. Otherwise
+        """Tasks ended and freed their slots: wakes the loop if due tasks wait for slots. Otherwise
         its last claim took everything due, and what comes due later wakes it by itself (a NOTIFY, or
         its planned wake-up), so a claim now would find nothing: at a moderate rate, one wasted
         statement per task."""
@@ -362,7 +362,7 @@ class Dispatcher:
                 self.registry.release(attempt.worker_id, str(attempt.task_id))
         # Both go back in the queue unannounced (the NOTIFY is on INSERT): the loop's next claim finds
         # them, or the retries' due time.
-        if never_started or "queued" in statuses.values():
+        if never_started or any_requeued(statuses):
             self.wakeup.set()
         for row in self.store.delete_stale_workers(self.config.worker_ttl_s):
             log.warning("worker %s at %s removed after %.1f s of silence", row["worker_id"], row["address"],

@@ -12,7 +12,7 @@ import grpc
 
 from distrack.config import CoordinatorConfig
 from distrack.coordinator.registry import WorkerRegistry
-from distrack.db.store import Attempt, EndedAttempt, TaskStore
+from distrack.db.store import Attempt, EndedAttempt, TaskStore, any_requeued
 from distrack.errors import DatabaseUnavailable, DataRejected
 from distrack.rpc import distrack_pb2, distrack_pb2_grpc
 
@@ -92,7 +92,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
             self.registry.release(request.worker_id, str(task_id))
         if statuses:
             self.on_slots_freed()
-            self._wake_for_retries(statuses)
+        if any_requeued(statuses):
+            self.wakeup.set()
 
     def Deregister(self, request: distrack_pb2.DeregisterRequest, context: grpc.ServicerContext):
         if not request.worker_id:
@@ -191,7 +192,8 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if failures:
             ended = self.store.end_attempts([e for _, e in failures], self.config.retry_delay_s)
             recorded.update(i for i, e in failures if e.attempt.task_id in ended)
-            self._wake_for_retries(ended)
+            if any_requeued(ended):
+                self.wakeup.set()
         # Tasks a worker gives back before starting them (they waited too long for a slot there, or were
         # stopped): back to the queue as if never claimed, or cancelled. Rare, so one statement each.
         for index, attempt in returns:
@@ -201,12 +203,6 @@ class CoordinatorService(distrack_pb2_grpc.CoordinatorServicer):
         if returns:
             self.wakeup.set()  # the tasks can be claimed only now
         return recorded
-
-    def _wake_for_retries(self, ended: dict[uuid.UUID, str]) -> None:
-        """Wakes the claim loop when ended attempts put tasks back in the queue: no NOTIFY announces
-        a retry (the trigger is on INSERT), so the loop learns its due time from its next claim."""
-        if "queued" in ended.values():
-            self.wakeup.set()
 
 
 # The last second of year 9999: later than any start, and within what PostgreSQL's to_timestamp takes.

@@ -309,6 +309,13 @@ class TaskStore:
         return [(r["id"], r["worker_id"]) for r in self._all("cancels_pending")]
 
 
+def any_requeued(statuses: dict[uuid.UUID, str]) -> bool:
+    """Whether end_attempts put a task back in the queue (a retry). No NOTIFY announces that (the
+    trigger is on INSERT), so whoever ended the attempts wakes the claim loop: it learns the retry's
+    due time from its next claim."""
+    return "queued" in statuses.values()
+
+
 def delay_microseconds(delay_seconds: float) -> int:
     """A delay as the whole microseconds a task is stored due after its insert (PostgreSQL's timestamps
     count microseconds): the statement and the answer to the client use this one number."""
